@@ -1,0 +1,13 @@
+"""ttr: test-time regression layers (Wang, Shi & Fox, "Test-time regression: a unifying
+framework for designing sequence models with associative memory").
+
+Every sequence layer is an associative memory that fits a regressor to the key-value pairs it
+has seen (Eq. 8) and applies it to the query (Eq. 9). A layer is a `Recipe`: regression
+weights x function class x optimizer.
+"""
+
+from ttr import ops, reference
+from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights, run
+
+__all__ = ["FunctionClass", "Optimizer", "Recipe", "Weights", "ops", "reference", "run"]
+__version__ = "0.1.0"

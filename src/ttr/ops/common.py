@@ -1,0 +1,180 @@
+"""Input validation and packing shared by every op in `ttr.ops`.
+
+Every op takes `q, k: [B, T, H, Dk]`, `v: [B, T, H, Dv]`, per-token scalars `[B, T, H]` and
+per-dimension log-decays `[B, T, H, Dk]` (DESIGN.md, "The op contract"). These helpers turn a
+wrong shape, dtype, device or value into a `ValueError`/`TypeError` that names the argument,
+what it got and what was expected, instead of a silent broadcast deep inside a matmul.
+
+`varlen` implements `cu_seqlens` for any op by running it once per packed sequence; it is
+exact by construction, which makes it the spec that faster packed kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_compiling() -> bool:
+    # Value checks read tensor data; under torch.compile that would break the graph.
+    return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
+
+
+def check_tensor(name: str, x, ndim: int | None = None) -> torch.Tensor:
+    """`x` is a floating-point tensor of rank `ndim`."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point dtype, got {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(
+            f"{name}: expected a {ndim}-d tensor, got shape {tuple(x.shape)} ({x.ndim}-d)"
+        )
+    return x
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    if not _is_compiling() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or Inf; expected finite values")
+
+
+def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
+    """Validate `q, k: [B, T, H, Dk]`, `v: [B, T, H, Dv]`; return (B, T, H, Dk, Dv)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, 4)
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    if q.shape != k.shape:
+        raise ValueError(
+            f"q: expected shape {tuple(k.shape)} (the shape of k, [B, T, H, Dk]), "
+            f"got {tuple(q.shape)}"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"v: expected shape [B, T, H, Dv] = [{B}, {T}, {H}, Dv] to match k, "
+            f"got {tuple(v.shape)}"
+        )
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device} (that of q), got {x.device}")
+    if T == 0 or B == 0 or H == 0 or Dk == 0 or Dv == 0:
+        raise ValueError(f"q/k/v: expected non-empty dimensions, got k {tuple(k.shape)}, v "
+                         f"{tuple(v.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, x)
+    return B, T, H, Dk, Dv
+
+
+def check_like(name: str, x, ref: torch.Tensor, shape: tuple[int, ...], what: str):
+    """`x` is None or a float tensor of exactly `shape` on `ref`'s device."""
+    if x is None:
+        return None
+    check_tensor(name, x)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {what} = {list(shape)}, got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of q), got {x.device}")
+    check_finite(name, x)
+    return x
+
+
+def check_log_decay(g, q: torch.Tensor, per_dim_ok: bool = True):
+    """`g` is None, a scalar log-decay `[B, T, H]` or (if allowed) per-dimension `[B, T, H, Dk]`.
+
+    Decay weights are gamma_t = exp(g_t) in (0, 1], so g must be <= 0.
+    """
+    if g is None:
+        return None
+    check_tensor("g", g)
+    B, T, H, Dk = q.shape
+    shapes = [(B, T, H)] + ([(B, T, H, Dk)] if per_dim_ok else [])
+    if tuple(g.shape) not in shapes:
+        want = " or ".join(str(list(s)) for s in shapes)
+        names = "[B, T, H]" + (" or [B, T, H, Dk]" if per_dim_ok else "")
+        raise ValueError(f"g: expected log-decay of shape {names} = {want}, got {tuple(g.shape)}")
+    if g.device != q.device:
+        raise ValueError(f"g: expected device {q.device} (that of q), got {g.device}")
+    check_finite("g", g)
+    if not _is_compiling() and bool((g > 0).any()):
+        raise ValueError(
+            f"g: expected log-decay <= 0 (decay exp(g) in (0, 1]), got max {g.max().item():.4g}"
+        )
+    return g
+
+
+def check_state(name: str, s, shape: tuple[int, ...], what: str, ref: torch.Tensor):
+    if s is None:
+        return None
+    return check_like(name, s, ref, shape, what)
+
+
+def check_form(form: str, allowed: tuple[str, ...]) -> str:
+    if form not in allowed:
+        raise ValueError(f"form: expected one of {list(allowed)}, got {form!r}")
+    return form
+
+
+def check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> torch.Tensor | None:
+    """FlashAttention-style packing: B == 1 and int offsets 0 = c_0 < c_1 < ... < c_N = T."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens: expected an int tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.ndim != 1:
+        raise TypeError(
+            f"cu_seqlens: expected a 1-d int32/int64 tensor, got {cu_seqlens.dtype} "
+            f"of shape {tuple(cu_seqlens.shape)}"
+        )
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens: expected batch size 1 for packed input, got B={q.shape[0]}")
+    c = cu_seqlens.tolist()
+    if len(c) < 2 or c[0] != 0 or c[-1] != q.shape[1] or any(b <= a for a, b in zip(c, c[1:])):
+        raise ValueError(
+            f"cu_seqlens: expected strictly increasing offsets from 0 to T={q.shape[1]}, got {c}"
+        )
+    return cu_seqlens
+
+
+def varlen(
+    run: Callable[..., tuple[torch.Tensor, object]],
+    cu_seqlens: torch.Tensor,
+    tensors: dict[str, torch.Tensor | None],
+    initial_state,
+    output_final_state: bool,
+):
+    """Run `run(**tensors_i, initial_state=s_i)` on each packed sequence i and re-pack.
+
+    `tensors` are `[1, T, ...]`; `initial_state` is None or a (pytree of) tensor(s) whose
+    leading dimension is the number of sequences N. Returns (o [1, T, ...], final states
+    stacked on a leading N dimension, or None).
+    """
+    bounds = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        piece = {n: (None if x is None else x[:, a:b]) for n, x in tensors.items()}
+        s0 = None if initial_state is None else _index_state(initial_state, i)
+        o, s = run(**piece, initial_state=s0, output_final_state=output_final_state)
+        outs.append(o)
+        finals.append(s)
+    o = torch.cat(outs, dim=1)
+    if not output_final_state:
+        return o, None
+    return o, _stack_states(finals)
+
+
+def _index_state(s, i):
+    if isinstance(s, torch.Tensor):
+        return s[i : i + 1]
+    return type(s)(_index_state(x, i) for x in s)
+
+
+def _stack_states(states):
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(states, dim=0)
+    return type(first)(_stack_states(list(parts)) for parts in zip(*states))
