@@ -16,6 +16,7 @@ below dispatches it to the fast op, and the test suite checks the two agree.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ def _number(field: str, value, *, low: float, low_open: bool = False, high: floa
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{field}: expected a number, got {type(value).__name__} {value!r}")
     bad = value <= low if low_open else value < low
-    if bad or (high is not None and value > high) or value != value:
+    if bad or (high is not None and value > high) or not math.isfinite(value):
         rng = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}"
         rng += "]" if high is not None else ")"
         raise ValueError(f"{field}: expected a value in {rng}, got {value!r}")
@@ -222,6 +223,9 @@ class Recipe:
         if f.kind == "local_polynomial" and o.kind != "exact":
             raise ValueError(f"Recipe: a local polynomial is fitted exactly per query, got "
                              f"optimizer={o.kind!r}; use Optimizer.exact()")
+        if f.kind == "local_polynomial" and o.ridge > 0:
+            raise ValueError("Optimizer.ridge: the local-polynomial fit (Eq. 48-52) is solved "
+                             f"without a ridge here, got ridge={o.ridge}")
         if f.kind == "kernel":
             if w.kind != "uniform":
                 raise ValueError(f"Recipe: kernel regression is defined here with uniform "
@@ -244,7 +248,7 @@ class Recipe:
     def op(self) -> str | None:
         """Name of the `ttr.ops` function that computes this recipe, or None if only
         `ttr.reference.solve` does (yet)."""
-        w, f, o = self.weights, self.function_class, self.optimizer
+        f, o = self.function_class, self.optimizer
         if f.kind == "local_polynomial":
             return "softmax_attention" if f.degree == 0 else None
         if f.kind == "kernel":

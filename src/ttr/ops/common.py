@@ -12,6 +12,7 @@ exact by construction, which makes it the spec that faster packed kernels are te
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 
@@ -133,7 +134,7 @@ def check_cu_seqlens(cu_seqlens, q: torch.Tensor) -> torch.Tensor | None:
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens: expected batch size 1 for packed input, got B={q.shape[0]}")
     c = cu_seqlens.tolist()
-    if len(c) < 2 or c[0] != 0 or c[-1] != q.shape[1] or any(b <= a for a, b in zip(c, c[1:])):
+    if len(c) < 2 or c[0] != 0 or c[-1] != q.shape[1] or any(b <= a for a, b in pairwise(c)):
         raise ValueError(
             f"cu_seqlens: expected strictly increasing offsets from 0 to T={q.shape[1]}, got {c}"
         )
@@ -155,7 +156,7 @@ def varlen(
     """
     bounds = cu_seqlens.tolist()
     outs, finals = [], []
-    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+    for i, (a, b) in enumerate(pairwise(bounds)):
         piece = {n: (None if x is None else x[:, a:b]) for n, x in tensors.items()}
         s0 = None if initial_state is None else _index_state(initial_state, i)
         o, s = run(**piece, initial_state=s0, output_final_state=output_final_state)
@@ -177,4 +178,4 @@ def _stack_states(states):
     first = states[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(states, dim=0)
-    return type(first)(_stack_states(list(parts)) for parts in zip(*states))
+    return type(first)(_stack_states(list(parts)) for parts in zip(*states, strict=True))

@@ -1,0 +1,173 @@
+"""The `ttr` command (console script `ttr = "ttr.cli:main"`).
+
+    ttr reproduce [--out DIR] [--full] [--seed N] [--variant paper|zoology] [--quiet]
+    ttr online-regression [--out DIR] [--seeds N] [--T N] [--d N] ...   (paper Section 5)
+    ttr mqar [--out DIR] [--layer NAME]... [--pairs P]... [--seq-len T]... (paper Section 6)
+
+`main()` runs the typer app in non-standalone mode so that every user error -- an unknown
+option, a bad value, a configuration our dataclasses reject -- ends as one line on stderr,
+`ttr: error: <message>`, with exit code 2 for usage errors and 1 for invalid values found by
+our own validation; no traceback, no rich box (set TTR_DEBUG=1 to get the traceback).
+Experiment code is imported inside the commands, so `ttr --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer._click import exceptions as click_exceptions
+
+app = typer.Typer(
+    name="ttr",
+    help="Test-time regression layers: reproduce the paper's experiments and run them one "
+         "at a time. Start with `ttr reproduce` (a few minutes on a laptop CPU); results and "
+         "report.md go to ./results.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+# Room for later commands (bench, list, train, sweep): add them with @app.command() below.
+
+
+class Variant(str, Enum):
+    paper = "paper"
+    zoology = "zoology"
+
+
+def _opt(*names: str, help: str, metavar: str | None = None):
+    return typer.Option(*names, help=help, metavar=metavar)
+
+
+Out = Annotated[Path, _opt("--out", "-o", metavar="DIR",
+                           help="Directory for CSVs, plots and report.")]
+Quiet = Annotated[bool, _opt("--quiet", "-q", help="No progress bars.")]
+Seed = Annotated[int, _opt("--seed", metavar="INT",
+                           help="Seed of every random draw (data and initialization).")]
+VariantOpt = Annotated[Variant, _opt(
+    "--variant", help="MQAR data: 'paper' (Section 6, a vocabulary of 2P tokens) or 'zoology' "
+                      "(Arora et al. 2023).")]
+Ints = list[int] | None
+
+
+@app.command(short_help="Run both paper experiments and write report.md.")
+def reproduce(
+    out: Out = Path("results"),
+    full: Annotated[bool, _opt(
+        "--full", help="The paper's full protocol (more sequences; MQAR trained per T with an "
+                       "lr sweep). Much slower than the default quick mode.")] = False,
+    seed: Seed = 0,
+    variant: VariantOpt = Variant.paper,
+    quiet: Quiet = False,
+) -> None:
+    """Run both paper experiments (online regression, Fig. 2; MQAR, Fig. 3) and write
+    OUT/report.md with the plots, tables and the paper's claims next to the measurements."""
+    from ttr.experiments.reproduce import reproduce as run
+
+    run(out, full=full, seed=seed, variant=variant.value, progress=not quiet)
+
+
+@app.command("online-regression", short_help="Paper Section 5 / Fig. 2: online regression.")
+def online_regression(
+    out: Out = Path("results"),
+    seeds: Annotated[int | None, _opt(
+        "--seeds", metavar="N",
+        help="Number of independent sequences [default: 32; 512 with --full].")] = None,
+    T: Annotated[int | None, _opt("--T", metavar="N", help="Steps [default: 256].")] = None,
+    d: Annotated[int | None, _opt("--d", metavar="N", help="Key dimension [default: 64].")
+                 ] = None,
+    rho: Annotated[float | None, _opt(
+        "--rho", metavar="FLOAT",
+        help="Off-diagonal of the innovation covariance Sigma [default: 0.5].")] = None,
+    method: Annotated[list[str] | None, _opt(
+        "--method", metavar="NAME",
+        help="Method to run (repeatable) [default: all]: linear_attention, rls, softmax, "
+             "local_linear, naive.")] = None,
+    dtype: Annotated[str | None, _opt(
+        "--dtype", metavar="DTYPE", help="float64 or float32 [default: float64].")] = None,
+    seed: Seed = 0,
+    full: Annotated[bool, _opt("--full", help="Start from the full configuration.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Online regression on the switching AR process (paper Section 5, Fig. 2): writes
+    online_regression.csv, online_regression_summary.csv and online_regression.png."""
+    from ttr.experiments import online_regression as exp
+    from ttr.experiments.report import online_table
+
+    base = exp.OnlineRegressionConfig.full() if full else exp.OnlineRegressionConfig.quick()
+    given = dict(seeds=seeds, T=T, d=d, rho=rho, dtype=dtype, seed=seed,
+                 methods=tuple(method) if method else None)
+    config = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    result = exp.run(config, out, progress=not quiet)
+    typer.echo(online_table(result))
+    typer.echo(f"ttr: wrote {', '.join(str(p) for p in result['files'].values())} "
+               f"in {result['seconds']:.1f} s")
+
+
+@app.command(short_help="Paper Section 6 / Fig. 3: MQAR with one layer.")
+def mqar(
+    out: Out = Path("results"),
+    layer: Annotated[list[str] | None, _opt(
+        "--layer", metavar="NAME",
+        help="Layer to train (repeatable): linear_attention, rls, delta_rule, softmax "
+             "[default: linear_attention rls].")] = None,
+    pairs: Annotated[Ints, _opt(
+        "--pairs", metavar="P",
+        help="Number of cue-response pairs (repeatable) [default: 64 128].")] = None,
+    seq_len: Annotated[Ints, _opt(
+        "--seq-len", metavar="T",
+        help="Sequence length to evaluate (repeatable) [default: 128 256 512 1024].")] = None,
+    steps: Annotated[int | None, _opt("--steps", metavar="N", help="Training steps per run.")
+                     ] = None,
+    lr: Annotated[list[float] | None, _opt(
+        "--lr", metavar="LR",
+        help="Learning rate (repeatable: a sweep; the best is reported).")] = None,
+    variant: VariantOpt = Variant.paper,
+    seed: Seed = 0,
+    full: Annotated[bool, _opt(
+        "--full", help="Start from the full protocol (one model per T, lr sweep).")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Multi-query associative recall with one layer and a short convolution (paper
+    Section 6, Fig. 3): writes mqar.csv and mqar.png."""
+    from ttr.experiments import mqar as exp
+    from ttr.experiments.report import mqar_table
+
+    base = exp.MQARConfig.full() if full else exp.MQARConfig.quick()
+    given = dict(layers=layer, num_pairs=pairs, seq_lens=seq_len, steps=steps, lrs=lr)
+    config = dataclasses.replace(base, variant=variant.value, seed=seed,
+                                 **{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in given.items() if v is not None})
+    rows = exp.run(config, out, progress=not quiet)
+    typer.echo(mqar_table(rows))
+    typer.echo(f"ttr: wrote {Path(out) / 'mqar.csv'}, {Path(out) / 'mqar.png'}")
+
+
+def _error(message: str, code: int) -> int:
+    print(f"ttr: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code (the console-script wrapper exits with it)."""
+    try:
+        rv = app(args=argv, prog_name="ttr", standalone_mode=False)
+    except click_exceptions.NoArgsIsHelpError as e:  # bare `ttr`: show the help
+        print(e.format_message())
+        return 0
+    except click_exceptions.ClickException as e:  # usage errors (exit_code 2) and the like
+        return _error(e.format_message(), e.exit_code)
+    except typer.Abort:
+        return _error("aborted", 1)
+    except (ValueError, OSError) as e:  # our validation (ValueError), unwritable paths
+        if os.environ.get("TTR_DEBUG"):
+            raise
+        return _error(str(e), 1)
+    return rv if isinstance(rv, int) else 0

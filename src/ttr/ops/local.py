@@ -1,0 +1,182 @@
+"""Softmax attention = the locally constant (Nadaraya-Watson) nonparametric regressor.
+
+Objective (paper Eq. 48 with p = 0, Eq. 50): for each query q_t fit a constant m to the values,
+weighting pair i by a similarity to the query,
+
+    m_t(q_t) = argmin_m 1/2 sum_{i<=t} s(k_i, q_t) ||v_i - m||^2 = sum_i s_i v_i / sum_j s_j.
+
+Two similarities:
+  scale      s(k, q) = exp(scale * k.q), standard causal softmax attention (Eq. 1; default
+             scale 1/sqrt(Dk)).
+  bandwidth  the Gaussian smoothing kernel s(k, q) = exp(-||k - q||^2 / bandwidth) (Eq. 48).
+             Since -||k - q||^2 = 2 q.k - ||k||^2 - ||q||^2 and the ||q||^2 term is constant
+             over i, it cancels in the normalization; so with q' = [q, 1], k' = [k, -||k||^2/2]
+             and scale 2/bandwidth, softmax(scale q'.k') is exactly the Gaussian-kernel
+             estimator (Eq. 51 is the unit-norm special case, bandwidth 2 sqrt(Dk)).
+
+The memory is nonparametric: the state is the KV cache, a pair (K [B, Tc, H, Dk],
+V [B, Tc, H, Dv]) of every key/value seen. With `initial_state` the queries attend to the cached
+keys and their own causal prefix; `output_final_state` returns the concatenated cache.
+
+Forms
+  fused      torch.nn.functional.scaled_dot_product_attention (causal).
+  recurrent  the weighted mean of Eq. 50, one query at a time over the growing cache, with a
+             max-subtracted exp (the spec).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ttr.ops.common import (
+    check_cu_seqlens,
+    check_form,
+    check_qkv,
+    check_state,
+    check_tensor,
+    varlen,
+)
+from ttr.ops.linear import check_step_qkv, compute_dtype
+
+FORMS = ("fused", "recurrent")
+
+
+def softmax_attention(q, k, v, *, scale=None, bandwidth=None, initial_state=None,
+                      output_final_state=False, cu_seqlens=None, form="fused"):
+    """Causal softmax attention / Gaussian-kernel Nadaraya-Watson regression.
+
+    q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; scale: float (default 1/sqrt(Dk)) or bandwidth:
+    float > 0 (then scale must be None); initial_state: (K [B, Tc, H, Dk], V [B, Tc, H, Dv]).
+    With cu_seqlens, initial_state is a pair with leading dim N (one cache per sequence, same
+    Tc) or a list of N pairs, and the final state is a list of N pairs (caches differ in length).
+    Returns o [B, T, H, Dv] (dtype of q) and the final cache or None.
+    """
+    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    _check_similarity(scale, bandwidth)
+    check_form(form, FORMS)
+    check_cu_seqlens(cu_seqlens, q)
+    if cu_seqlens is None:
+        _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
+        return _attend(q, k, v, scale, bandwidth, initial_state, output_final_state, form)
+
+    N = cu_seqlens.numel() - 1
+    if isinstance(initial_state, list):
+        if len(initial_state) != N:
+            raise ValueError(f"initial_state: expected a list of N={N} caches (one per packed "
+                             f"sequence), got {len(initial_state)}")
+        for i, s in enumerate(initial_state):
+            _check_cache(f"initial_state[{i}]", s, 1, H, Dk, Dv, q)
+        caches = initial_state
+    else:
+        _check_cache("initial_state", initial_state, N, H, Dk, Dv, q)
+        caches = [None if initial_state is None else tuple(x[i:i + 1] for x in initial_state)
+                  for i in range(N)]
+    # varlen stacks final states on a leading dim, which caches of different lengths cannot
+    # share, so each sequence's cache is collected here and varlen only re-packs the outputs.
+    finals = []
+
+    def run(q, k, v, initial_state, output_final_state):
+        o, s = _attend(q, k, v, scale, bandwidth, caches[len(finals)], True, form)
+        finals.append(s)
+        return o, None
+
+    o, _ = varlen(run, cu_seqlens, {"q": q, "k": k, "v": v}, None, False)
+    return o, (finals if output_final_state else None)
+
+
+def softmax_attention_step(q_t, k_t, v_t, state=None, *, scale=None, bandwidth=None):
+    """One decoding step: append (k_t, v_t) to the cache and read it with q_t.
+
+    q_t, k_t [B, H, Dk], v_t [B, H, Dv]; state None or (K [B, Tc, H, Dk], V [B, Tc, H, Dv]).
+    Returns (o_t [B, H, Dv], (K, V) with Tc + 1 entries).
+    """
+    B, H, Dk, Dv = check_step_qkv(q_t, k_t, v_t)
+    _check_similarity(scale, bandwidth)
+    _check_cache("state", state, B, H, Dk, Dv, q_t)
+    K, V = k_t.unsqueeze(1), v_t.unsqueeze(1)  # [B, 1, H, D]
+    if state is not None:
+        K, V = torch.cat([state[0].to(K.dtype), K], 1), torch.cat([state[1].to(V.dtype), V], 1)
+    return _read(q_t, K, V, scale, bandwidth), (K, V)
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+def _check_similarity(scale, bandwidth) -> None:
+    if scale is not None and bandwidth is not None:
+        raise ValueError("scale: the Gaussian kernel (bandwidth) fixes its own scale 2/bandwidth; "
+                         f"expected scale=None with bandwidth={bandwidth!r}, got {scale!r}")
+    for name, x, low in (("scale", scale, None), ("bandwidth", bandwidth, 0.0)):
+        if x is None:
+            continue
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"{name}: expected a float, got {type(x).__name__} {x!r}")
+        if not math.isfinite(x) or (low is not None and x <= low):
+            raise ValueError(f"{name}: expected a finite value{' > 0' if low is not None else ''}"
+                             f", got {x!r}")
+
+
+def _check_cache(name, s, B, H, Dk, Dv, ref) -> None:
+    if s is None:
+        return
+    if not isinstance(s, (tuple, list)) or len(s) != 2:
+        raise TypeError(f"{name}: expected a KV cache pair (K, V), got {type(s).__name__}")
+    check_tensor(f"{name}[0] (K)", s[0], 4)
+    Tc = s[0].shape[1]
+    check_state(f"{name}[0] (K)", s[0], (B, Tc, H, Dk), "[B, Tc, H, Dk]", ref)
+    check_state(f"{name}[1] (V)", s[1], (B, Tc, H, Dv), "[B, Tc, H, Dv]", ref)
+
+
+# -- forms -------------------------------------------------------------------------------------
+
+def _attend(q, k, v, scale, bandwidth, cache, output_final_state, form):
+    K, V = k, v
+    if cache is not None:
+        K, V = torch.cat([cache[0].to(k.dtype), k], 1), torch.cat([cache[1].to(v.dtype), v], 1)
+    Tc = K.shape[1] - q.shape[1]  # cached steps before this call
+    if form == "fused":
+        o = _fused(q, K, V, scale, bandwidth, Tc)
+    else:
+        o = torch.stack([_read(q[:, t], K[:, :Tc + t + 1], V[:, :Tc + t + 1], scale, bandwidth)
+                         for t in range(q.shape[1])], dim=1)  # [B, T, H, Dv]
+    return o, ((K, V) if output_final_state else None)
+
+
+def _fused(q, K, V, scale, bandwidth, Tc):
+    """SDPA on [B, H, T, D]; query t (global position Tc + t) sees keys 0 .. Tc + t."""
+    out_dtype, dt = q.dtype, compute_dtype(q)
+    q, K, V = q.to(dt), K.to(dt), V.to(dt)
+    if bandwidth is not None:
+        # 1. augment so that (2/bandwidth) q'.k' = -(||k - q||^2 - ||q||^2) / bandwidth
+        q = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)  # [B, T, H, Dk+1]
+        K = torch.cat([K, -0.5 * (K * K).sum(-1, keepdim=True)], dim=-1)  # [B, Tc+T, H, Dk+1]
+        s = 2.0 / bandwidth
+    else:
+        s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    # 2. causal mask aligned to the end: SDPA's is_causal aligns to the top-left corner,
+    #    which is only right without a cache
+    T, L = q.shape[1], K.shape[1]
+    mask = None
+    if Tc > 0:
+        mask = torch.arange(L, device=q.device) <= Tc + torch.arange(T, device=q.device)[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
+                                       attn_mask=mask, is_causal=mask is None, scale=s)
+    return o.transpose(1, 2).to(out_dtype)
+
+
+def _read(q, K, V, scale, bandwidth):
+    """Eq. 50 for one query: q [B, H, Dk], K [B, L, H, Dk], V [B, L, H, Dv] -> [B, H, Dv]."""
+    out_dtype = q.dtype
+    dt = compute_dtype(q)
+    q, K, V = q.to(dt), K.to(dt), V.to(dt)
+    if bandwidth is not None:
+        logits = -((K - q.unsqueeze(1)) ** 2).sum(-1) / bandwidth  # [B, L, H]
+    else:
+        s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        logits = s * (K * q.unsqueeze(1)).sum(-1)  # [B, L, H]
+    # the max cancels between numerator and denominator; subtracting it keeps exp <= 1
+    w = torch.exp(logits - logits.amax(dim=1, keepdim=True))  # [B, L, H]
+    o = (w.unsqueeze(-1) * V).sum(1) / w.sum(1).unsqueeze(-1)  # [B, H, Dv]
+    return o.to(out_dtype)

@@ -1,0 +1,158 @@
+"""ttr.nn: the short convolution (Eq. 56) and the Mixer built from a recipe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttr.nn import Mixer, MixerConfig, ShortConv
+from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights
+from ttr.testing import assert_close
+
+F64 = torch.float64
+LIN = FunctionClass.linear()
+
+RECIPES = [
+    pytest.param(Recipe(Weights.uniform(), LIN, Optimizer.gd()), id="linear_attention"),
+    pytest.param(Recipe(Weights.uniform(), LIN, Optimizer.exact(ridge=1.0)), id="rls"),
+    pytest.param(Recipe(Weights.uniform(), LIN, Optimizer.sgd()), id="delta_rule"),
+    pytest.param(Recipe(Weights.geometric(), LIN, Optimizer.sgd()), id="gated_delta_rule"),
+    pytest.param(Recipe(Weights.uniform(), LIN, Optimizer.sgd("longhorn")), id="longhorn"),
+    pytest.param(Recipe(Weights.geometric("dim"), LIN, Optimizer.gd()), id="gla"),
+    pytest.param(Recipe(Weights.geometric(), LIN, Optimizer.gd()), id="mamba2_style"),
+    pytest.param(Recipe(Weights.local(), FunctionClass.local_polynomial(0), Optimizer.exact()),
+                 id="softmax"),
+]
+
+CONFIG = MixerConfig(d_model=12, n_heads=2, conv_q=3, conv_k=2, conv_v=4, qk_norm=True,
+                     output_norm=True, bias=True)
+
+
+def make(recipe, config=CONFIG, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return Mixer(recipe, config).to(dtype)
+
+
+def inputs(B=2, T=9, D=12, seed=1, dtype=torch.float32):
+    return torch.randn(B, T, D, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_output_shape(recipe):
+    y, state = make(recipe)(inputs())
+    assert y.shape == (2, 9, 12)
+    assert torch.isfinite(y).all()
+    assert state.conv_k.shape == (2, 1, 12) and state.conv_v.shape == (2, 3, 12)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("split", [1, 4, 8])
+def test_split_with_carried_state_equals_whole(recipe, split):
+    mixer, x = make(recipe, dtype=F64), inputs(dtype=F64)
+    whole, _ = mixer(x)
+    first, state = mixer(x[:, :split])
+    second, _ = mixer(x[:, split:], state)
+    assert_close(torch.cat([first, second], dim=1), whole, what="split vs whole")
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gradients_reach_every_parameter(recipe):
+    mixer = make(recipe, dtype=F64)
+    y, _ = mixer(inputs(dtype=F64))
+    y.square().mean().backward()
+    for name, p in mixer.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_gates_match_the_recipe():
+    la = make(RECIPES[0].values[0])
+    assert la.g_proj is None and la.b_proj is None
+    gla = make(RECIPES[5].values[0])
+    assert gla.g_proj.out_features == 2 * 6 and gla.b_proj is None  # per key dim, 2 heads
+    gdn = make(RECIPES[3].values[0])
+    assert gdn.g_proj.out_features == 2 and gdn.b_proj.out_features == 2
+
+
+def test_no_state_when_not_asked():
+    y, state = make(RECIPES[0].values[0])(inputs(), output_state=False)
+    assert state is None and y.shape == (2, 9, 12)
+
+
+def test_bad_input_names_the_argument():
+    mixer = make(RECIPES[0].values[0])
+    with pytest.raises(ValueError, match="x: expected shape"):
+        mixer(torch.randn(2, 9, 11))
+    with pytest.raises(TypeError, match="state"):
+        mixer(inputs(), state=(1, 2))
+    with pytest.raises(TypeError, match="recipe"):
+        Mixer("linear_attention", CONFIG)
+
+
+# -- ShortConv ------------------------------------------------------------------------------
+
+
+def test_short_conv_is_eq56():
+    conv = ShortConv(5, 3).double()
+    x = inputs(B=2, T=6, D=5, dtype=F64)
+    y, cache = conv(x)
+    want = torch.zeros_like(x)
+    for t in range(6):
+        for i in range(3):
+            if t - i >= 0:
+                want[:, t] += conv.weight[:, i] * x[:, t - i]  # w_i x_{t-i}
+    assert_close(y, want)
+    assert_close(cache, x[:, -2:])
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_short_conv_step_by_step_equals_full(K):
+    conv = ShortConv(7, K).double()
+    x = inputs(B=3, T=10, D=7, dtype=F64)
+    full, _ = conv(x)
+    cache, steps = None, []
+    for t in range(10):
+        y, cache = conv(x[:, t:t + 1], cache)
+        steps.append(y)
+    assert_close(torch.cat(steps, dim=1), full)
+
+
+def test_short_conv_init_and_errors():
+    conv = ShortConv(64, 4)
+    assert conv.weight.abs().max() <= 0.5  # uniform(-1/sqrt(K), 1/sqrt(K))
+    with pytest.raises(ValueError, match="kernel_size"):
+        ShortConv(4, 0)
+    with pytest.raises(ValueError, match="cache"):
+        conv(torch.randn(2, 3, 64), torch.zeros(2, 2, 64))
+
+
+# -- MixerConfig ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(d_model=0), "d_model"),
+    (dict(d_model=8, n_heads=0), "n_heads"),
+    (dict(d_model=10, n_heads=3), "d_key"),
+    (dict(d_model=8, d_key=0), "d_key"),
+    (dict(d_model=8, d_value=-1), "d_value"),
+    (dict(d_model=8, conv_k=-1), "conv_k"),
+    (dict(d_model=8, conv_q=1.5), "conv_q"),
+    (dict(d_model=8, qk_norm=1), "qk_norm"),
+    (dict(d_model=8, output_norm="yes"), "output_norm"),
+    (dict(d_model=True), "d_model"),
+])
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises((ValueError, TypeError), match=f"MixerConfig.{field}"):
+        MixerConfig(**kwargs)
+
+
+def test_config_unknown_keys_and_defaults():
+    with pytest.raises(ValueError, match="conv_x"):
+        MixerConfig.from_dict({"d_model": 8, "conv_x": 2})
+    with pytest.raises(TypeError, match="conv_x"):
+        MixerConfig(d_model=8, conv_x=2)
+    c = MixerConfig(d_model=12, n_heads=3, d_value=5)
+    assert (c.dk, c.dv) == (4, 5)
+    with pytest.raises(AttributeError):
+        c.d_model = 3  # frozen
