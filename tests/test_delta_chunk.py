@@ -7,6 +7,8 @@ the recurrence itself is well conditioned, so every error measured here is the c
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from ttr.reference import solve
 from ttr.testing import assert_close
 
 F64 = torch.float64
+recurrent = partial(delta_rule, form="recurrent")  # the spec (the default form is "chunk")
 
 
 def inputs(B, T, H, Dk, Dv, g_mode, dtype=F64, seed=0, state=True):
@@ -61,8 +64,8 @@ def test_chunk_equals_recurrent(g_mode, T, C, dtype):
                             chunk_size=C)
     # The spec in float64 on the same (rounded) inputs: the error measured is the chunk form's.
     up = lambda x: None if x is None else x.to(F64)
-    o_ref, s_ref = delta_rule(*map(up, (q, k, v, beta, g)), initial_state=up(s0),
-                              output_final_state=True, form="recurrent")
+    o_ref, s_ref = recurrent(*map(up, (q, k, v, beta, g)), initial_state=up(s0),
+                             output_final_state=True)
     assert o.dtype == dtype and s.dtype == dtype
     assert_close(o, o_ref, dtype=dtype, what="output")
     assert_close(s, s_ref, dtype=dtype, what="final state")
@@ -87,7 +90,7 @@ def test_no_state_in_no_state_out():
     q, k, v, beta, g, _ = inputs(1, 10, 2, 8, 4, "rand", state=False)
     o, s = chunk_delta_rule(q, k, v, beta, g, chunk_size=4)
     assert s is None
-    o_ref, _ = delta_rule(q, k, v, beta, g, form="recurrent")
+    o_ref, _ = recurrent(q, k, v, beta, g)
     assert_close(o, o_ref)
 
 
@@ -115,7 +118,7 @@ def test_gradients_match_recurrent_under_any_decay(g_value, dtype):
     # be swamped by rounding noise of cancelling terms (why Gamma is built from segment sums).
     q, k, v, beta, g, s0 = inputs(1, 70, 2, 16, 8, g_value)
     grads = []
-    for fn, dt in ((chunk_delta_rule, dtype), (delta_rule, F64)):
+    for fn, dt in ((chunk_delta_rule, dtype), (recurrent, F64)):
         xs = [x.to(dt).requires_grad_() for x in (q, k, v, beta, g, s0)]
         o, s = fn(*xs[:5], initial_state=xs[5], output_final_state=True)
         (o.square().sum() + s.square().sum()).backward()
@@ -160,8 +163,8 @@ def test_half_precision_computes_in_float32(dtype):
     o, s = chunk_delta_rule(*half, initial_state=s0.float(), output_final_state=True,
                             chunk_size=16)
     assert o.dtype == dtype and s.dtype == torch.float32
-    o_ref, s_ref = delta_rule(*(x.to(F64) for x in half), initial_state=s0,
-                              output_final_state=True)
+    o_ref, s_ref = recurrent(*(x.to(F64) for x in half), initial_state=s0,
+                             output_final_state=True)
     assert_close(o, o_ref)
     assert_close(s, s_ref, tol=1e-4)  # the state never passes through half precision
 
@@ -173,7 +176,7 @@ def test_property_any_shape_equals_recurrent(B, T, H, Dk, Dv, C, decay, seed):
     q, k, v, beta, g, s0 = inputs(B, T, H, Dk, Dv, "rand" if decay else None, seed=seed)
     o, s = chunk_delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True,
                             chunk_size=C)
-    o_ref, s_ref = delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True)
+    o_ref, s_ref = recurrent(q, k, v, beta, g, initial_state=s0, output_final_state=True)
     assert o.shape == (B, T, H, Dv) and s.shape == (B, H, Dk, Dv)
     assert_close(o, o_ref, what="output")
     assert_close(s, s_ref, what="final state")

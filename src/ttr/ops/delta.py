@@ -30,9 +30,10 @@ from ttr.ops.common import (
     check_log_decay,
     check_qkv,
     check_state,
+    time_steps,
     varlen,
 )
-from ttr.ops.delta_chunk import chunk_delta_rule
+from ttr.ops.delta_chunk import _chunk_delta_rule
 from ttr.ops.linear import (
     check_chunk_size,
     check_step_decay,
@@ -66,15 +67,15 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, output_final_state=
 
     def run(q, k, v, beta, g, initial_state, output_final_state):
         if form == "chunk":
-            return chunk_delta_rule(q, k, v, beta, g, initial_state=initial_state,
-                                    output_final_state=output_final_state, chunk_size=chunk_size)
+            return _chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state,
+                                     chunk_size)
         dt = compute_dtype(q)
         S = (q.new_zeros(q.shape[0], H, Dk, Dv, dtype=dt) if initial_state is None
              else initial_state.to(dt))
         outs = []
-        for t in range(q.shape[1]):
-            o, S = _step(q[:, t].to(dt), k[:, t].to(dt), v[:, t].to(dt), beta[:, t].to(dt),
-                         None if g is None else g[:, t].to(dt), S)
+        cast = [None if x is None else x.to(dt) for x in (q, k, v, beta, g)]
+        for q_t, k_t, v_t, b_t, g_t in time_steps(*cast):
+            o, S = _step(q_t, k_t, v_t, b_t, g_t, S)
             outs.append(o)
         o = torch.stack(outs, dim=1).to(q.dtype)  # [B, T, H, Dv]
         return o, (S if output_final_state else None)

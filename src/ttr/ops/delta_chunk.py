@@ -76,7 +76,13 @@ def chunk_delta_rule(
     check_log_decay(g, q, per_dim_ok=False)
     check_state("initial_state", initial_state, (B, H, Dk, Dv), "[B, H, Dk, Dv]", q)
     check_chunk_size(chunk_size)
+    return _chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state, chunk_size)
 
+
+def _chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state, chunk_size):
+    """`chunk_delta_rule` on validated inputs (`delta_rule` validates once, then calls this)."""
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
     cd = compute_dtype(q)
     C = min(chunk_size, T)
     N = -(-T // C)

@@ -39,6 +39,7 @@ from ttr.ops.common import (
     check_qkv,
     check_state,
     check_tensor,
+    time_steps,
     varlen,
 )
 
@@ -169,8 +170,8 @@ def _recurrent(q, k, v, g, s0):
     B, T, H, Dk = q.shape
     S = s0 if s0 is not None else q.new_zeros(B, H, Dk, v.shape[-1])
     outs = []
-    for t in range(T):
-        o, S = _step(q[:, t], k[:, t], v[:, t], None if g is None else g[:, t], S)
+    for q_t, k_t, v_t, g_t in time_steps(q, k, v, g):
+        o, S = _step(q_t, k_t, v_t, g_t, S)
         outs.append(o)
     return torch.stack(outs, dim=1), S
 

@@ -49,6 +49,7 @@ from ttr.ops.common import (
     check_qkv,
     check_state,
     check_tensor,
+    time_steps,
     varlen,
 )
 from ttr.ops.linear import (
@@ -208,9 +209,8 @@ def _recurrent(q, k, v, g, beta, ridge, s0):
     Dv = v.shape[-1]
     state = s0 if s0 is not None else (q.new_zeros(B, H, Dk, Dk), q.new_zeros(B, H, Dk, Dv))
     outs = []
-    for t in range(T):
-        o, state = _step(q[:, t], k[:, t], v[:, t], None if g is None else g[:, t],
-                         None if beta is None else beta[:, t], ridge, state)
+    for q_t, k_t, v_t, g_t, b_t in time_steps(q, k, v, g, beta):
+        o, state = _step(q_t, k_t, v_t, g_t, b_t, ridge, state)
         outs.append(o)
     return torch.stack(outs, dim=1), state
 
