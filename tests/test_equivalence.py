@@ -47,6 +47,12 @@ RECIPES = [
       for wd in ((0.0, 0.3) if rule != "nlms" else (0.0,))],
     _p(G, ELU, Optimizer.sgd("longhorn", weight_decay=0.3), "sgd-longhorn-geometric-elu1", "delta"),
     _p(U, ELU, Optimizer.sgd("nlms"), "sgd-nlms-uniform-elu1"),
+    # Several SGD steps per token (DeltaProduct with the pair repeated) and momentum (Titans).
+    *[_p(w, LIN, Optimizer.sgd(rule, steps=3), f"sgd-{rule}-{wn}-steps3",
+         {"constant": "step", "longhorn": "delta", "nlms": None}[rule])
+      for rule in ("constant", "longhorn", "nlms") for w, wn in ((U, "uniform"), (G, "geometric"))],
+    *[_p(w, LIN, Optimizer.sgd(momentum=mu), f"sgd-momentum{mu}-{wn}", "step")
+      for mu in (0.5, 0.9) for w, wn in ((U, "uniform"), (G, "geometric"))],
     # Local constant regression = softmax attention (Eq. 50-51).
     _p(Weights.local(), FunctionClass.local_polynomial(0), Optimizer.exact(), "local0-default_bw"),
     _p(Weights.local(1.5), FunctionClass.local_polynomial(0), Optimizer.exact(), "local0-bw1.5"),
@@ -64,7 +70,10 @@ DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id=
 # Every form each op offers (its default is one of them), from the op's module.
 FORMS = {op: importlib.import_module(f"ttr.ops.{module}").FORMS for op, module in (
     ("linear_attention", "linear"), ("rls", "rls"), ("delta_rule", "delta"),
-    ("softmax_attention", "local"))}
+    ("delta_product", "delta_product"), ("softmax_attention", "local"))}
+# Only the recurrent form of the momentum op is exact online SGD; its chunk forms are Titans'
+# chunk-start approximation (tested against their own spec in test_momentum.py).
+FORMS["momentum_delta_rule"] = ("recurrent",)
 
 
 def make_inputs(recipe: Recipe, beta_kind, size, dtype, seed=0):
@@ -137,3 +146,10 @@ def test_every_op_recipe_is_covered():
     """The table reaches every op that `Recipe.op` can name."""
     covered = {rp.values[0].op for rp in RECIPES}
     assert covered == set(FORMS), covered
+
+
+def test_momentum_recipe_refuses_the_approximate_chunk_form():
+    recipe = Recipe(Weights.uniform(), FunctionClass.linear(), Optimizer.sgd(momentum=0.5))
+    q, k, v, kw = make_inputs(recipe, "step", (1, 5, 1, 3, 2), torch.float64)
+    with pytest.raises(ValueError, match="form: the recipe is exact online SGD"):
+        ttr.run(recipe, q, k, v, form="chunk", **kw)

@@ -257,9 +257,14 @@ class Recipe:
             return "linear_attention" if o.steps == 1 else None
         if o.kind == "exact":
             return "rls" if o.ridge > 0 else None
-        if o.steps == 1 and o.momentum == 0:
-            return "delta_rule"
-        return None
+        if o.momentum > 0:
+            # The L2 term would pass through the velocity, so it cannot fold into g (Eq. 39).
+            return "momentum_delta_rule" if o.steps == 1 and o.weight_decay == 0 else None
+        if o.steps > 1:
+            # Several steps on the same pair = DeltaProduct with the pair repeated; a leaky
+            # step per sub-step would need a decay per sub-step, which DeltaProduct lacks.
+            return "delta_product" if o.weight_decay == 0 else None
+        return "delta_rule"
 
     def needs(self) -> dict[str, bool]:
         """Which per-token inputs the recipe reads: {'g': required?, 'beta': required?}."""
@@ -315,10 +320,22 @@ def run(recipe: Recipe, q, k, v, *, g=None, beta=None, initial_state=None,
         return (out * o.lr if o.lr != 1.0 else out), state
     if name == "rls":
         return ops.rls(q, k, v, g, beta, ridge=o.ridge, **kw)
-    # delta_rule: turn the step-size rule and weight decay into the op's (beta, g, v).
+    # online SGD: turn the step-size rule and weight decay into the op's (beta, g, v).
     beta, g, v_scale = sgd_gates(recipe, k, beta, g)
     if v_scale is not None:
         v = v * v_scale.unsqueeze(-1)
+    if name == "momentum_delta_rule":
+        if kw.get("form", "recurrent") != "recurrent":
+            raise ValueError(f"form: the recipe is exact online SGD with momentum, which only "
+                             f"form='recurrent' computes; got {kw['form']!r} (the chunk form "
+                             "is Titans' chunk-start approximation: call "
+                             "ttr.ops.momentum_delta_rule directly)")
+        kw["form"] = "recurrent"
+        return ops.momentum_delta_rule(q, k, v, beta, o.momentum, g, **kw)
+    if name == "delta_product":
+        n = o.steps  # the same pair, n times: [B, T, H, n, D]
+        rep = lambda x: x.unsqueeze(3).expand(*x.shape[:3], n, *x.shape[3:])
+        return ops.delta_product(q, rep(k), rep(v), rep(beta), g, **kw)
     return ops.delta_rule(q, k, v, beta, g, **kw)
 
 

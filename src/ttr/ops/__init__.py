@@ -1,13 +1,17 @@
 """Pure tensor functions, one file per solver family (DESIGN.md, "The op contract")."""
 
 from ttr.ops.delta import delta_rule, delta_rule_step
+from ttr.ops.delta_product import delta_product, delta_product_step
 from ttr.ops.linear import linear_attention, linear_attention_step
 from ttr.ops.local import softmax_attention, softmax_attention_step
+from ttr.ops.momentum import momentum_delta_rule, momentum_delta_rule_step
 from ttr.ops.rls import rls, rls_step
 
 __all__ = [
     "delta_rule", "delta_rule_step",
+    "delta_product", "delta_product_step",
     "linear_attention", "linear_attention_step",
+    "momentum_delta_rule", "momentum_delta_rule_step",
     "rls", "rls_step",
     "softmax_attention", "softmax_attention_step",
 ]
