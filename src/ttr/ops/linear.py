@@ -276,9 +276,10 @@ def chunk_linear_attention(q, k, v, g, s0, C):
     decay = torch.exp(b_last).unsqueeze(-1)  # [B, H, n, Dk|1, 1]
     S = s0 if s0 is not None else q.new_zeros(B, H, Dk, Dv)
     starts = []
-    for c in range(n):
+    # unbind, not U[:, :, c]: indexing's backward writes a full-size zero gradient per chunk
+    for decay_c, U_c in zip(decay.unbind(2), U.unbind(2), strict=True):
         starts.append(S)
-        S = decay[:, :, c] * S + U[:, :, c]
+        S = decay_c * S + U_c
     S0 = torch.stack(starts, dim=2)  # [B, H, n, Dk, Dv]
 
     # 5. inter-chunk outputs: queries read the entering state, decayed from the chunk start
