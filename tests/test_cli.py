@@ -78,7 +78,7 @@ def test_reproduce_end_to_end(capsys, tmp_path, monkeypatch):
     # Tiny stand-ins for the quick configurations: the wiring is under test, not the paper.
     monkeypatch.setattr(OnlineRegressionConfig, "quick",
                         classmethod(lambda cls: cls(T=16, d=4, seeds=2)))
-    monkeypatch.setattr(MQARConfig, "quick", classmethod(lambda cls: cls(
+    monkeypatch.setattr(MQARConfig, "quick", classmethod(lambda cls, variant="paper": cls(
         num_pairs=(4,), seq_lens=(16, 32), train_seq_len=16, d_model=16, steps=5,
         batch_size=4, n_test=4)))
     code, out, err = _run(capsys, "reproduce", "--out", str(tmp_path), "--seed", "3",

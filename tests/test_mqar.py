@@ -143,5 +143,10 @@ def test_config_validation():
         MQARConfig(variant="zoology", seq_lens=(256,))  # T < 4 P for P = 128
     with pytest.raises(ValueError, match="unknown keys"):
         MQARConfig.from_dict({"step": 3})
-    assert MQARConfig.quick().train_seq_len is not None
-    assert MQARConfig.full().train_seq_len is None
+    with pytest.raises(ValueError, match="forms"):
+        MQARConfig(forms={"rsl": "chunk"})
+    for variant in ("paper", "zoology"):  # both presets satisfy their variant's constraints
+        assert MQARConfig.quick(variant).train_seq_len is not None
+        assert MQARConfig.full(variant).train_seq_len is None
+    # narrowing a preset keeps its per-layer forms valid
+    assert MQARConfig.from_dict({**vars(MQARConfig.quick()), "layers": ["linear_attention"]})

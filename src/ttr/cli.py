@@ -3,6 +3,7 @@
     ttr reproduce [--out DIR] [--full] [--seed N] [--variant paper|zoology] [--quiet]
     ttr online-regression [--out DIR] [--seeds N] [--T N] [--d N] ...   (paper Section 5)
     ttr mqar [--out DIR] [--layer NAME]... [--pairs P]... [--seq-len T]... (paper Section 6)
+    ttr bench [--op NAME]... [--form NAME]... [--T N]... [--dtype fp32|bf16]... [--out FILE]
 
 `main()` runs the typer app in non-standalone mode so that every user error -- an unknown
 option, a bad value, a configuration our dataclasses reject -- ends as one line on stderr,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import sys
 from enum import Enum
 from pathlib import Path
@@ -35,6 +37,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # Room for later commands (bench, list, train, sweep): add them with @app.command() below.
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 class Variant(str, Enum):
@@ -140,14 +147,68 @@ def mqar(
     from ttr.experiments import mqar as exp
     from ttr.experiments.report import mqar_table
 
-    base = exp.MQARConfig.full() if full else exp.MQARConfig.quick()
+    base = (exp.MQARConfig.full if full else exp.MQARConfig.quick)(variant.value)
     given = dict(layers=layer, num_pairs=pairs, seq_lens=seq_len, steps=steps, lrs=lr)
-    config = dataclasses.replace(base, variant=variant.value, seed=seed,
+    config = dataclasses.replace(base, seed=seed,
                                  **{k: tuple(v) if isinstance(v, list) else v
                                     for k, v in given.items() if v is not None})
     rows = exp.run(config, out, progress=not quiet)
     typer.echo(mqar_table(rows))
     typer.echo(f"ttr: wrote {Path(out) / 'mqar.csv'}, {Path(out) / 'mqar.png'}")
+
+
+@app.command(short_help="Time ops x forms x lengths: speed, memory, FLOP/s.")
+def bench(
+    op: Annotated[list[str] | None, _opt(
+        "--op", metavar="NAME",
+        help="Op to time (repeatable) [default: all]: linear_attention, "
+             "linear_attention_scalar, linear_attention_per_dim, delta_rule, gated_delta_rule, "
+             "delta_product, momentum_delta_rule, rls, softmax_attention.")] = None,
+    form: Annotated[list[str] | None, _opt(
+        "--form", metavar="NAME",
+        help="Form to time (repeatable) [default: all forms of each op]: recurrent, parallel, "
+             "chunk, chunk_recurrent, fused.")] = None,
+    T: Annotated[Ints, _opt("--T", metavar="N",
+                            help="Sequence length (repeatable) [default: 512 2048 8192].")] = None,
+    d: Annotated[int, _opt("--d", metavar="N", help="Head dimension Dk = Dv.")] = 64,
+    heads: Annotated[int, _opt("--heads", "--bh", metavar="N",
+                               help="Heads, with batch 1 (so B*H = N).")] = 16,
+    repeats: Annotated[int, _opt("--repeats", metavar="N",
+                                 help="Timed runs per case, after one warm-up.")] = 5,
+    dtype: Annotated[list[Dtype] | None, _opt(
+        "--dtype", metavar="fp32|bf16",
+        help="fp32, or bf16 = fp32 inputs under CPU autocast to bfloat16, with its error vs "
+             "fp32 (repeatable) [default: fp32].")] = None,
+    compile: Annotated[bool, _opt(
+        "--compile", help="Also time torch.compile(fullgraph=True) of the chunk forms.")] = False,
+    threads: Annotated[int | None, _opt(
+        "--threads", metavar="N", help="torch.set_num_threads [default: torch's].")] = None,
+    no_caps: Annotated[bool, _opt(
+        "--no-caps", help="Also run the loop and O(T^2)-memory forms at every T (slow; may "
+                          "exhaust memory).")] = False,
+    out: Annotated[Path | None, _opt("--out", "-o", metavar="FILE",
+                                     help="Write the Markdown table here.")] = None,
+    csv: Annotated[Path | None, _opt("--csv", metavar="FILE", help="Write a CSV here.")] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Benchmark the ops: median [min-max] forward and forward+backward time, peak memory
+    (each case in a fresh process), GFLOP/s next to the matmul rate measured in the same run,
+    and the speedup of each form over the recurrent one. Prints a Markdown table.
+    The default run takes about 10 minutes on 2 cores."""
+    from ttr import bench as b
+
+    config = b.BenchConfig(
+        ops=tuple(op or ()), forms=tuple(form or ()), Ts=tuple(T) if T else (512, 2048, 8192),
+        d=d, heads=heads, repeats=repeats, dtypes=tuple(x.value for x in dtype or [Dtype.fp32]),
+        compile=compile, threads=threads, caps=not no_caps)
+    result = b.run(config, command=shlex.join(["ttr", *sys.argv[1:]]), progress=not quiet)
+    table = b.to_markdown(result)
+    typer.echo(table)
+    for path, write in ((out, lambda p: p.write_text(table)),
+                        (csv, lambda p: b.write_csv(result, p))):
+        if path is not None:
+            write(path)
+            typer.echo(f"ttr: wrote {path}")
 
 
 def _error(message: str, code: int) -> int:

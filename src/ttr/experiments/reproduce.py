@@ -5,8 +5,9 @@
     report                                  -> report.md (plots, tables, claims vs measurement)
 
 Quick mode (the default) uses `OnlineRegressionConfig.quick()` and `MQARConfig.quick()`;
-`full=True` the `.full()` configurations (more sequences, the paper's MQAR protocol). `seed`
-and `variant` replace those fields of both configurations, so one seed fixes the whole run.
+`full=True` the `.full()` configurations (more sequences, the paper's MQAR protocol). `variant`
+picks the MQAR preset and `seed` replaces the seed of both configurations, so one seed fixes
+the whole run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def reproduce(out_dir: Path, full: bool = False, seed: int = 0, variant: str = "
     # Build both configurations first, so that a bad seed or variant fails before any work.
     online_cfg = getattr(online_regression.OnlineRegressionConfig, mode)()
     online_cfg = dataclasses.replace(online_cfg, seed=seed)
-    mqar_cfg = dataclasses.replace(getattr(mqar.MQARConfig, mode)(), seed=seed, variant=variant)
+    mqar_cfg = dataclasses.replace(getattr(mqar.MQARConfig, mode)(variant), seed=seed)
 
     start = time.perf_counter()
     online = online_regression.run(online_cfg, out_dir, progress=progress)
