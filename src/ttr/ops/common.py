@@ -151,6 +151,18 @@ def time_steps(*xs: torch.Tensor | None):
     return zip(*[[None] * T if x is None else x.unbind(1) for x in xs], strict=True)
 
 
+def scan(step: Callable, state, *xs: torch.Tensor | None):
+    """The recurrent form's loop: `o_t, state = step(x1_t, ..., xn_t, state)` for every t.
+
+    xs are `[B, T, ...]` (or None); returns (o [B, T, ...], final state).
+    """
+    outs = []
+    for x_t in time_steps(*xs):
+        o, state = step(*x_t, state)
+        outs.append(o)
+    return torch.stack(outs, dim=1), state
+
+
 def varlen(
     run: Callable[..., tuple[torch.Tensor, object]],
     cu_seqlens: torch.Tensor,

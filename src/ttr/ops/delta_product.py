@@ -34,7 +34,7 @@ from ttr.ops.common import (
     check_log_decay,
     check_state,
     check_tensor,
-    time_steps,
+    scan,
     varlen,
 )
 from ttr.ops.delta import _read
@@ -69,13 +69,8 @@ def delta_product(q, k, v, beta, g=None, *, initial_state=None, output_final_sta
         dt = compute_dtype(q)
         S = (q.new_zeros(q.shape[0], H, Dk, Dv, dtype=dt) if initial_state is None
              else initial_state.to(dt))
-        outs = []
-        cast = [None if x is None else x.to(dt) for x in (q, k, v, beta, g)]
-        for q_t, k_t, v_t, b_t, g_t in time_steps(*cast):
-            o, S = _step(q_t, k_t, v_t, b_t, g_t, S)
-            outs.append(o)
-        o = torch.stack(outs, dim=1).to(q.dtype)  # [B, T, H, Dv]
-        return o, (S if output_final_state else None)
+        o, S = scan(_step, S, *(None if x is None else x.to(dt) for x in (q, k, v, beta, g)))
+        return o.to(q.dtype), (S if output_final_state else None)  # [B, T, H, Dv]
 
     if cu_seqlens is not None:
         return varlen(run, cu_seqlens, {"q": q, "k": k, "v": v, "beta": beta, "g": g},

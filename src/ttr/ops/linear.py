@@ -39,7 +39,7 @@ from ttr.ops.common import (
     check_qkv,
     check_state,
     check_tensor,
-    time_steps,
+    scan,
     varlen,
 )
 
@@ -169,11 +169,7 @@ def _step(q, k, v, g, S):
 def _recurrent(q, k, v, g, s0):
     B, T, H, Dk = q.shape
     S = s0 if s0 is not None else q.new_zeros(B, H, Dk, v.shape[-1])
-    outs = []
-    for q_t, k_t, v_t, g_t in time_steps(q, k, v, g):
-        o, S = _step(q_t, k_t, v_t, g_t, S)
-        outs.append(o)
-    return torch.stack(outs, dim=1), S
+    return scan(_step, S, q, k, v, g)
 
 
 def _decay_matrix(a: torch.Tensor, b: torch.Tensor, per_dim: bool) -> torch.Tensor:

@@ -49,7 +49,7 @@ from ttr.ops.common import (
     check_qkv,
     check_state,
     check_tensor,
-    time_steps,
+    scan,
     varlen,
 )
 from ttr.ops.linear import (
@@ -208,11 +208,8 @@ def _recurrent(q, k, v, g, beta, ridge, s0):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     state = s0 if s0 is not None else (q.new_zeros(B, H, Dk, Dk), q.new_zeros(B, H, Dk, Dv))
-    outs = []
-    for q_t, k_t, v_t, g_t, b_t in time_steps(q, k, v, g, beta):
-        o, state = _step(q_t, k_t, v_t, g_t, b_t, ridge, state)
-        outs.append(o)
-    return torch.stack(outs, dim=1), state
+    return scan(lambda q_t, k_t, v_t, g_t, b_t, st: _step(q_t, k_t, v_t, g_t, b_t, ridge, st),
+                state, q, k, v, g, beta)
 
 
 def _parallel(q, k, v, g, beta, ridge, s0, C):
