@@ -1,0 +1,214 @@
+"""Local linear attention = the p = 1 local polynomial regressor ("higher-order attention").
+
+Objective (paper Eq. 48-49 with p = 1): for each query q_t fit an affine map of the offsets
+d_ti = k_i - q_t to the values, weighting pair i by the Gaussian smoothing kernel,
+
+    (M0, M1) = argmin 1/2 sum_{i<=t} w_ti ||v_i - M0 - M1 d_ti||^2 + ridge/2 * m0 ||M1||_F^2,
+    w_ti = exp(-||k_i - q_t||^2 / bandwidth),   m0 = sum_i w_ti,   o_t = M0,
+
+with bandwidth 2 sqrt(Dk) by default (Eq. 51). The ridge acts on the slope only and is scaled
+by the total weight m0, i.e. it is a ridge on the normalized-weight problem (p_i = w_ti / m0).
+Eq. 52-53 pose it as weighted least squares on the design rows x_i = [1, d_i]:
+
+    G = sum_i p_i x_i x_i^T = [[1, dbar^T], [dbar, E_p[d d^T]]],   R = sum_i p_i x_i v_i^T,
+    ridge > 0:  M1 = Cov_vd (Cov_dd + ridge I)^-1,  M0 = vbar - M1 dbar            (Eq. 54)
+    ridge = 0:  [M0; M1^T] = pinv(G) R
+
+For ridge = 0 this is the min-norm solution of the joint problem over (M0, M1), which is what
+`ttr.reference` computes with pinv of the weighted design (pinv(X) = pinv(X^T X) X^T). On a
+rank-deficient prefix (t <= Dk, e.g. the first step) it differs from the centered formula with
+pinv(Cov_dd): at t = 1 it gives M0 = v_1 / (1 + ||d_1||^2), not v_1. The eigenvalue cut-off of
+pinv(G) is relative, `PINV_RTOL` per dtype: G's eigenvalues are the squared singular values
+of the design, so directions below sqrt(rtol) of the largest singular value are dropped (the
+reference keeps them down to ~T eps; only matters for nearly degenerate prefixes).
+
+Everything reduces to weighted moments of the keys: d_ti = k_i - q_t, so with any center c
+(k' = k - c, q' = q - c; d is unchanged) and m1 = sum w k', S2 = sum w k' k'^T, mv = sum w v,
+Mvk = sum w v k'^T,
+
+    dbar = m1/m0 - q',   Cov_dd = S2/m0 - (m1/m0)(m1/m0)^T,   Cov_vd = Mvk/m0 - (mv/m0)(m1/m0)^T.
+
+The memory is nonparametric: the state is the KV cache (K [B, Tc, H, Dk], V [B, Tc, H, Dv]) as
+in `softmax_attention`; queries attend to the cached keys and their own causal prefix.
+
+Forms
+  naive    the full weight matrix [B, H, T, T] and the moments as matmuls over all keys.
+  blocked  FlashAttention-style: per query block, stream the key blocks up to the diagonal with
+           an online max of the log-weights, and solve the per-query systems at the end. Peak
+           extra memory O(Bq (Dk + 1)(Dk + Dv)) per (batch, head) besides autograd's saves.
+There is no custom backward yet: autograd differentiates through the loop (training memory
+grows with the number of block pairs). With ridge = 0 the gradient goes through pinv and is
+undefined on rank-deficient prefixes; use ridge > 0 to train. Not yet here: a `form="recurrent"`
+and a `step()` for decoding (naive with a cache is the per-query spec meanwhile), a decayed
+variant, and a fused kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ttr.ops.common import check_cu_seqlens, check_form, check_qkv, varlen
+from ttr.ops.linear import compute_dtype
+from ttr.ops.local import _check_cache
+
+FORMS = ("naive", "blocked")
+PINV_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=None,
+                           output_final_state=False, cu_seqlens=None, form="blocked",
+                           block_size=64):
+    """Causal local linear regression attention (p = 1 local polynomial, Eq. 52-54).
+
+    q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; bandwidth: float > 0 (default 2 sqrt(Dk));
+    ridge: float >= 0 on the slope M1; initial_state: KV cache (K [B, Tc, H, Dk],
+    V [B, Tc, H, Dv]). With cu_seqlens, initial_state is a pair with leading dim N or a list
+    of N pairs, and the final state is a list of N pairs (as in `softmax_attention`).
+    Returns o [B, T, H, Dv] (dtype of q) and the final cache or None.
+    """
+    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    _check_number("bandwidth", bandwidth, allow_zero=False, allow_none=True)
+    _check_number("ridge", ridge, allow_zero=True, allow_none=False)
+    check_form(form, FORMS)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+    check_cu_seqlens(cu_seqlens, q)
+    bw = float(bandwidth) if bandwidth is not None else 2.0 * math.sqrt(Dk)
+    args = (bw, float(ridge), form, block_size)
+    if cu_seqlens is None:
+        _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
+        return _attend(q, k, v, initial_state, output_final_state, *args)
+
+    N = cu_seqlens.numel() - 1
+    if isinstance(initial_state, list):
+        if len(initial_state) != N:
+            raise ValueError(f"initial_state: expected a list of N={N} caches (one per packed "
+                             f"sequence), got {len(initial_state)}")
+        for i, s in enumerate(initial_state):
+            _check_cache(f"initial_state[{i}]", s, 1, H, Dk, Dv, q)
+        caches = initial_state
+    else:
+        _check_cache("initial_state", initial_state, N, H, Dk, Dv, q)
+        caches = [None if initial_state is None else tuple(x[i:i + 1] for x in initial_state)
+                  for i in range(N)]
+    finals = []  # caches differ in length, so they are collected here, not stacked by varlen
+
+    def run(q, k, v, initial_state, output_final_state):
+        o, s = _attend(q, k, v, caches[len(finals)], True, *args)
+        finals.append(s)
+        return o, None
+
+    o, _ = varlen(run, cu_seqlens, {"q": q, "k": k, "v": v}, None, False)
+    return o, (finals if output_final_state else None)
+
+
+def _check_number(name, x, *, allow_zero, allow_none) -> None:
+    if x is None and allow_none:
+        return
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(x).__name__} {x!r}")
+    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a finite value {'>= 0' if allow_zero else '> 0'}, "
+                         f"got {x!r}")
+
+
+# -- forms -----------------------------------------------------------------------------------
+
+def _attend(q, k, v, cache, output_final_state, bw, ridge, form, block_size):
+    K, V = k, v
+    if cache is not None:
+        K, V = torch.cat([cache[0].to(k.dtype), k], 1), torch.cat([cache[1].to(v.dtype), v], 1)
+    Tc = K.shape[1] - q.shape[1]  # cached steps before this call
+    B, H = q.shape[0], q.shape[2]
+    dt = compute_dtype(q)
+    # [B, T, H, D] -> [B*H, T, D]: (batch, head) is one leading batch dim of every matmul
+    qf, Kf, Vf = (x.to(dt).transpose(1, 2).flatten(0, 1) for x in (q, K, V))
+    fn = _naive if form == "naive" else _blocked
+    o = fn(qf, Kf, Vf, Tc, bw, ridge, block_size)  # [B*H, T, Dv]
+    o = o.unflatten(0, (B, H)).transpose(1, 2).to(q.dtype)  # [B, T, H, Dv]
+    return o, ((K, V) if output_final_state else None)
+
+
+def _naive(q, K, V, Tc, bw, ridge, block_size):
+    """All T x (Tc + T) weights at once, keys uncentered (c = 0)."""
+    T, L = q.shape[1], K.shape[1]
+    # 1. log-weights -||k_i - q_t||^2 / bw, the ||q_t||^2 term dropped (it cancels in p_i)
+    logw = (2 * q @ K.mT - (K * K).sum(-1)[:, None]) / bw  # [BH, T, L]
+    keep = torch.arange(L, device=q.device) <= Tc + torch.arange(T, device=q.device)[:, None]
+    logw = logw.masked_fill(~keep, -math.inf)
+    w = torch.exp(logw - logw.amax(-1, keepdim=True))  # [BH, T, L]
+    # 2. moments; the outer products k k^T, v k^T are flattened so each moment is one matmul
+    m = _moments(w, K, V)
+    return _intercept(*m, q, ridge)
+
+
+def _blocked(q, K, V, Tc, bw, ridge, block_size):
+    """Per query block: online-max streaming of the key moments, then the per-query solve."""
+    T = q.shape[1]
+    outs = []
+    for a in range(0, T, block_size):
+        b = min(a + block_size, T)
+        qb = q[:, a:b]  # [BH, Bq, Dk]
+        # 1. center at the block's mean query: d = k' - q' is unchanged, S2 stays well scaled
+        c = qb.mean(1, keepdim=True)  # [BH, 1, Dk]
+        qc = qb - c
+        pos = Tc + torch.arange(a, b, device=q.device)  # global position of each query
+        mx = None
+        acc = None
+        for s in range(0, Tc + b, block_size):
+            e = min(s + block_size, Tc + b)
+            kc, vb = K[:, s:e] - c, V[:, s:e]  # [BH, Bk, Dk], [BH, Bk, Dv]
+            # 2. log-weights up to the per-query constant -||q'||^2 / bw
+            logw = (2 * qc @ kc.mT - (kc * kc).sum(-1)[:, None]) / bw  # [BH, Bq, Bk]
+            if e - 1 > pos[0]:  # block reaches past the first query: causal mask
+                keep = torch.arange(s, e, device=q.device) <= pos[:, None]
+                logw = logw.masked_fill(~keep, -math.inf)
+            # 3. online max: the first key block has an unmasked key for every query, so mx
+            #    is finite from the start and the rescale factor exp(mx - new) is in (0, 1]
+            new = logw.amax(-1) if mx is None else torch.maximum(mx, logw.amax(-1))  # [BH, Bq]
+            w = torch.exp(logw - new[..., None])
+            m = _moments(w, kc, vb)
+            if acc is None:
+                acc = m
+            else:
+                r = torch.exp(mx - new)
+                acc = tuple(x * r.view(*r.shape, *[1] * (x.ndim - 2)) + y
+                            for x, y in zip(acc, m, strict=True))
+            mx = new
+        outs.append(_intercept(*acc, qc, ridge))
+    return torch.cat(outs, 1)  # [BH, T, Dv]
+
+
+def _moments(w, k, v):
+    """w [BH, Tq, L], k [BH, L, Dk], v [BH, L, Dv] -> m0, m1, S2, mv, Mvk summed over L."""
+    Dk, Dv = k.shape[-1], v.shape[-1]
+    kk = (k[..., :, None] * k[..., None, :]).flatten(-2)  # [BH, L, Dk*Dk]
+    vk = (v[..., :, None] * k[..., None, :]).flatten(-2)  # [BH, L, Dv*Dk]
+    return (w.sum(-1), w @ k, (w @ kk).unflatten(-1, (Dk, Dk)), w @ v,
+            (w @ vk).unflatten(-1, (Dv, Dk)))
+
+
+def _intercept(m0, m1, S2, mv, Mvk, qc, ridge):
+    """M0 per query from unnormalized moments of keys centered at c; qc = q - c [BH, Tq, Dk]."""
+    inv = (1.0 / m0)[..., None]
+    kbar, vbar = m1 * inv, mv * inv  # [BH, Tq, Dk], [BH, Tq, Dv]
+    cov_dd = S2 * inv[..., None] - kbar[..., :, None] * kbar[..., None, :]  # [BH, Tq, Dk, Dk]
+    cov_dv = (Mvk * inv[..., None] - vbar[..., :, None] * kbar[..., None, :]).mT  # [.., Dk, Dv]
+    dbar = kbar - qc  # [BH, Tq, Dk]
+    if ridge > 0:
+        # Eq. 54: M1^T = (Cov_dd + ridge I)^-1 Cov_dv, M0 = vbar - M1 dbar
+        eye = torch.eye(cov_dd.shape[-1], dtype=cov_dd.dtype, device=cov_dd.device)
+        m1t = torch.linalg.solve(cov_dd + ridge * eye, cov_dv)  # [BH, Tq, Dk, Dv]
+        return vbar - (dbar[..., None] * m1t).sum(-2)
+    # ridge = 0: the joint min-norm fit [M0; M1^T] = pinv(G) R on the design [1, d]
+    dd = cov_dd + dbar[..., :, None] * dbar[..., None, :]  # E_p[d d^T]
+    dv = cov_dv + dbar[..., :, None] * vbar[..., None, :]  # E_p[d v^T]
+    one = torch.ones_like(m0)[..., None, None]  # [BH, Tq, 1, 1]
+    G = torch.cat([torch.cat([one, dbar[..., None, :]], -1),
+                   torch.cat([dbar[..., :, None], dd], -1)], -2)  # [BH, Tq, 1+Dk, 1+Dk]
+    R = torch.cat([vbar[..., None, :], dv], -2)  # [BH, Tq, 1+Dk, Dv]
+    G = 0.5 * (G + G.mT)  # exactly symmetric for the eigendecomposition in pinv
+    theta = torch.linalg.pinv(G, rtol=PINV_RTOL[G.dtype], hermitian=True) @ R
+    return theta[..., 0, :]
