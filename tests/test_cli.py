@@ -65,7 +65,7 @@ def test_online_regression_command(capsys, tmp_path):
     code, out, err = _run(capsys, "online-regression", "--out", str(tmp_path), "--T", "16",
                           "--d", "4", "--seeds", "2", "--quiet")
     assert code == 0, err
-    assert "| method |" in out and "not yet implemented" in out
+    assert "| method |" in out and "| local_linear (p=1) |" in out
     for name in ("online_regression.csv", "online_regression_summary.csv",
                  "online_regression.png"):
         assert (tmp_path / name).exists()
@@ -90,7 +90,7 @@ def test_reproduce_end_to_end(capsys, tmp_path, monkeypatch):
         assert f"]({name})" in report and (tmp_path / name).exists()
     assert f"ttr reproduce --out {tmp_path} --seed 3 --variant paper" in report
     assert "mode: quick" in report and "seed: 3" in report
-    assert "local_linear (p=1)" in report and "not yet implemented" in report
+    assert "| local_linear (p=1) |" in report
     assert "| layer | P | T = 16 | T = 32 |" in report
     for verdict in ("agrees", "disagrees", "inconclusive", "not measured"):
         report = report.replace(f"**{verdict}**", "")

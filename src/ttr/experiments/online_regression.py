@@ -20,8 +20,10 @@ q_t = k_{t+1}; the loss at step t is |v_{t+1} - y_t|^2, averaged over independen
                     never tuned on the loss: the median of |k_i - k_j|^2 over all pairs i < j of
                     the sequence's memory keys k_1..k_T (one B per sequence, the same at every
                     step; it is a scale statistic of the keys, the targets never enter it).
-  local_linear      local linear regression, p = 1 (Eq. 52-54): not yet implemented; the entry
-                    is None and the report lists it as such.
+  local_linear      local linear regression, p = 1 (Eq. 52-54), `ttr.ops.local_linear_attention`
+                    with the same median-heuristic bandwidth as softmax and a ridge of
+                    RIDGE_REL on the slope M1 in the rescaled units (the p = 1 normal equations
+                    are singular while fewer than d keys carry weight).
   naive             the one-step forecaster y_t = v_t = q_t / |q_t|, "tomorrow = today" (the
                     paper's "v_{t-1} given k_t" in its shifted indexing).
 
@@ -80,6 +82,12 @@ def _softmax(q, k, v):
     return o
 
 
+def _local_linear(q, k, v):
+    r = median_bandwidth(k).sqrt()[:, None, None, None]  # [N, 1, 1, 1], as for softmax
+    o, _ = ops.local_linear_attention(q / r, k / r, v, bandwidth=1.0, ridge=RIDGE_REL)
+    return o
+
+
 def _naive(q, k, v):
     return q / q.norm(dim=-1, keepdim=True)  # = v_t
 
@@ -89,7 +97,7 @@ METHODS: dict[str, Method | None] = {
     "linear_attention": _linear_attention,
     "rls": _rls,
     "softmax": _softmax,
-    "local_linear": None,  # local linear attention, p = 1 (Eq. 52): a later task fills it
+    "local_linear": _local_linear,
     "naive": _naive,
 }
 LABELS = {
