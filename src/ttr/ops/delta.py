@@ -69,16 +69,22 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, output_final_state=
         if form == "chunk":
             return _chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state,
                                      chunk_size)
-        dt = compute_dtype(q)
-        S = (q.new_zeros(q.shape[0], H, Dk, Dv, dtype=dt) if initial_state is None
-             else initial_state.to(dt))
-        o, S = scan(_step, S, *(None if x is None else x.to(dt) for x in (q, k, v, beta, g)))
-        return o.to(q.dtype), (S if output_final_state else None)  # [B, T, H, Dv]
+        return recurrent(_step, q, k, v, beta, g, initial_state, output_final_state)
 
     if cu_seqlens is not None:
         return varlen(run, cu_seqlens, {"q": q, "k": k, "v": v, "beta": beta, "g": g},
                       initial_state, output_final_state)
     return run(q, k, v, beta, g, initial_state, output_final_state)
+
+
+def recurrent(step, q, k, v, beta, g, initial_state, output_final_state):
+    """The loop form of the delta-rule family: `step(q_t, k_t, v_t, beta_t, g_t, S) -> (o_t, S)`
+    over time with state S [B, H, Dk, Dv] in the compute dtype (float32 for half inputs)."""
+    dt = compute_dtype(q)
+    B, H, Dk, Dv = q.shape[0], q.shape[2], q.shape[-1], v.shape[-1]
+    S = q.new_zeros(B, H, Dk, Dv, dtype=dt) if initial_state is None else initial_state.to(dt)
+    o, S = scan(step, S, *(None if x is None else x.to(dt) for x in (q, k, v, beta, g)))
+    return o.to(q.dtype), (S if output_final_state else None)  # [B, T, H, Dv]
 
 
 def delta_rule_step(q_t, k_t, v_t, beta_t, g_t=None, state=None):

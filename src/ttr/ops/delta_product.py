@@ -34,10 +34,9 @@ from ttr.ops.common import (
     check_log_decay,
     check_state,
     check_tensor,
-    scan,
     varlen,
 )
-from ttr.ops.delta import _read
+from ttr.ops.delta import _read, recurrent
 from ttr.ops.delta_chunk import _chunk_delta_rule
 from ttr.ops.linear import check_chunk_size, check_step_decay, compute_dtype
 
@@ -66,11 +65,7 @@ def delta_product(q, k, v, beta, g=None, *, initial_state=None, output_final_sta
     def run(q, k, v, beta, g, initial_state, output_final_state):
         if form == "chunk":
             return _chunk(q, k, v, beta, g, initial_state, output_final_state, chunk_size)
-        dt = compute_dtype(q)
-        S = (q.new_zeros(q.shape[0], H, Dk, Dv, dtype=dt) if initial_state is None
-             else initial_state.to(dt))
-        o, S = scan(_step, S, *(None if x is None else x.to(dt) for x in (q, k, v, beta, g)))
-        return o.to(q.dtype), (S if output_final_state else None)  # [B, T, H, Dv]
+        return recurrent(_step, q, k, v, beta, g, initial_state, output_final_state)
 
     if cu_seqlens is not None:
         return varlen(run, cu_seqlens, {"q": q, "k": k, "v": v, "beta": beta, "g": g},

@@ -62,18 +62,7 @@ def softmax_attention(q, k, v, *, scale=None, bandwidth=None, initial_state=None
         _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
         return _attend(q, k, v, scale, bandwidth, initial_state, output_final_state, form)
 
-    N = cu_seqlens.numel() - 1
-    if isinstance(initial_state, list):
-        if len(initial_state) != N:
-            raise ValueError(f"initial_state: expected a list of N={N} caches (one per packed "
-                             f"sequence), got {len(initial_state)}")
-        for i, s in enumerate(initial_state):
-            _check_cache(f"initial_state[{i}]", s, 1, H, Dk, Dv, q)
-        caches = initial_state
-    else:
-        _check_cache("initial_state", initial_state, N, H, Dk, Dv, q)
-        caches = [None if initial_state is None else tuple(x[i:i + 1] for x in initial_state)
-                  for i in range(N)]
+    caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
     # varlen stacks final states on a leading dim, which caches of different lengths cannot
     # share, so each sequence's cache is collected here and varlen only re-packs the outputs.
     finals = []
@@ -116,6 +105,21 @@ def _check_similarity(scale, bandwidth) -> None:
         if not math.isfinite(x) or (low is not None and x <= low):
             raise ValueError(f"{name}: expected a finite value{' > 0' if low is not None else ''}"
                              f", got {x!r}")
+
+
+def split_caches(initial_state, N, H, Dk, Dv, q) -> list:
+    """Packed KV caches, one per sequence: a list of N (K, V) pairs (their lengths may differ)
+    or one pair with a leading N dimension; validated and returned as a list of N pairs."""
+    if isinstance(initial_state, list):
+        if len(initial_state) != N:
+            raise ValueError(f"initial_state: expected a list of N={N} caches (one per packed "
+                             f"sequence), got {len(initial_state)}")
+        for i, s in enumerate(initial_state):
+            _check_cache(f"initial_state[{i}]", s, 1, H, Dk, Dv, q)
+        return initial_state
+    _check_cache("initial_state", initial_state, N, H, Dk, Dv, q)
+    return [None if initial_state is None else tuple(x[i:i + 1] for x in initial_state)
+            for i in range(N)]
 
 
 def _check_cache(name, s, B, H, Dk, Dv, ref) -> None:

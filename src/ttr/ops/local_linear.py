@@ -51,7 +51,7 @@ import torch
 
 from ttr.ops.common import check_cu_seqlens, check_form, check_qkv, varlen
 from ttr.ops.linear import compute_dtype
-from ttr.ops.local import _check_cache
+from ttr.ops.local import _check_cache, split_caches
 
 FORMS = ("naive", "blocked")
 PINV_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -81,18 +81,7 @@ def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=
         _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
         return _attend(q, k, v, initial_state, output_final_state, *args)
 
-    N = cu_seqlens.numel() - 1
-    if isinstance(initial_state, list):
-        if len(initial_state) != N:
-            raise ValueError(f"initial_state: expected a list of N={N} caches (one per packed "
-                             f"sequence), got {len(initial_state)}")
-        for i, s in enumerate(initial_state):
-            _check_cache(f"initial_state[{i}]", s, 1, H, Dk, Dv, q)
-        caches = initial_state
-    else:
-        _check_cache("initial_state", initial_state, N, H, Dk, Dv, q)
-        caches = [None if initial_state is None else tuple(x[i:i + 1] for x in initial_state)
-                  for i in range(N)]
+    caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
     finals = []  # caches differ in length, so they are collected here, not stacked by varlen
 
     def run(q, k, v, initial_state, output_final_state):
