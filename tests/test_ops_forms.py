@@ -336,3 +336,21 @@ def test_rls_parallel_long_decay():
     x32 = {n: (t.float() if isinstance(t, torch.Tensor) else t) for n, t in x.items()}
     o32, _ = call("rls", x32, "parallel")
     assert_close(o32, o_rec)
+
+
+@pytest.mark.parametrize("form", ["chunk", "parallel"])
+@pytest.mark.parametrize("g_value", [-20.0, -5.0, -0.01])
+def test_linear_attention_decay_gradient_float32(form, g_value):
+    """Under strong scalar decay the gradient w.r.t. g is tiny; float32 forms must still get it
+    right (segment sums, not differences of cumulative sums: see linear._segment_sums)."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, D = 1, 50, 2, 4
+    q, k, v, w = (torch.randn(B, T, H, D, generator=gen, dtype=F64) for _ in range(4))
+    g = g_value * (0.5 + torch.rand(B, T, H, generator=gen, dtype=F64))
+    grads = {}
+    for name, dtype, f in (("ref", F64, "recurrent"), ("fast", F32, form)):
+        gg = g.detach().to(dtype).clone().requires_grad_()
+        o, _ = linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), gg, form=f, chunk_size=16)
+        (o * w.to(dtype)).sum().backward()
+        grads[name] = gg.grad
+    assert_close(grads["fast"], grads["ref"], tol=1e-4, what=f"{form} dL/dg at g={g_value}")
