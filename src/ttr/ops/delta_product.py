@@ -79,7 +79,7 @@ def delta_product_step(q_t, k_t, v_t, beta_t, g_t=None, state=None):
 
     Returns (o_t [B, H, Dv], new state [B, H, Dk, Dv]).
     """
-    B, H, n_h, Dk, Dv = _check_step_inputs(q_t, k_t, v_t, beta_t)
+    B, H, n_h, Dk, Dv = _check_inputs(q_t, k_t, v_t, beta_t, sfx="_t")
     check_step_decay(g_t, q_t, per_dim_ok=False)
     check_state("state", state, (B, H, Dk, Dv), "[B, H, Dk, Dv]", q_t)
     dt = compute_dtype(q_t)
@@ -124,53 +124,35 @@ def _chunk(q, k, v, beta, g, initial_state, output_final_state, chunk_size):
 
 # -- validation ------------------------------------------------------------------------------------
 
-def _check_inputs(q, k, v, beta):
-    """q [B, T, H, Dk], k [B, T, H, n_h, Dk], v [B, T, H, n_h, Dv], beta [B, T, H, n_h]."""
-    check_tensor("q", q, 4)
-    check_tensor("k", k, 5)
-    check_tensor("v", v, 5)
-    B, T, H, Dk = q.shape
-    n_h = k.shape[3]
-    if k.shape[:3] != q.shape[:3] or k.shape[4] != Dk:
-        raise ValueError(f"k: expected shape [B, T, H, n_h, Dk] = [{B}, {T}, {H}, n_h, {Dk}] "
-                         f"to match q, got {tuple(k.shape)}")
-    if v.shape[:4] != k.shape[:4]:
-        raise ValueError(f"v: expected shape [B, T, H, n_h, Dv] = [{B}, {T}, {H}, {n_h}, Dv] "
-                         f"to match k, got {tuple(v.shape)}")
-    _same_dtype_device(q, "q", ("k", k), ("v", v))
-    if 0 in (B, T, H, n_h, Dk, v.shape[-1]):
-        raise ValueError(f"q/k/v: expected non-empty dimensions, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
+def _check_inputs(q, k, v, beta, sfx=""):
+    """Full sequence (sfx "") q [B, T, H, Dk], k [B, T, H, n_h, Dk], v [B, T, H, n_h, Dv],
+    beta [B, T, H, n_h]; or one decoding step (sfx "_t") without the T axis.
+    Returns (*lead, n_h, Dk, Dv) with lead = (B, T, H) or (B, H)."""
+    nq, nk, nv, nb = (f"{n}{sfx}" for n in ("q", "k", "v", "beta"))
+    axes = "B, T, H" if sfx == "" else "B, H"
+    nd = 4 if sfx == "" else 3
+    check_tensor(nq, q, nd)
+    check_tensor(nk, k, nd + 1)
+    check_tensor(nv, v, nd + 1)
+    lead, Dk = tuple(q.shape[:-1]), q.shape[-1]
+    n_h = k.shape[-2]
+    if tuple(k.shape[:-2]) != lead or k.shape[-1] != Dk:
+        raise ValueError(f"{nk}: expected shape [{axes}, n_h, Dk] = {list(lead)} + [n_h, {Dk}] "
+                         f"to match {nq}, got {tuple(k.shape)}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"{nv}: expected shape [{axes}, n_h, Dv] = {list(lead)} + [{n_h}, Dv] "
+                         f"to match {nk}, got {tuple(v.shape)}")
+    _same_dtype_device(q, nq, (nk, k), (nv, v))
+    if 0 in (*lead, n_h, Dk, v.shape[-1]):
+        raise ValueError(f"{nq}/{nk}/{nv}: expected non-empty dimensions, got {nq} "
+                         f"{tuple(q.shape)}, {nk} {tuple(k.shape)}, {nv} {tuple(v.shape)}")
+    for name, x in ((nq, q), (nk, k), (nv, v)):
         check_finite(name, x)
     if beta is None:
-        raise ValueError(f"beta: DeltaProduct needs step sizes of shape [B, T, H, n_h] = "
-                         f"{[B, T, H, n_h]}, got None")
-    check_like("beta", beta, q, (B, T, H, n_h), "[B, T, H, n_h]")
-    return B, T, H, n_h, Dk, v.shape[-1]
-
-
-def _check_step_inputs(q_t, k_t, v_t, beta_t):
-    """q_t [B, H, Dk], k_t [B, H, n_h, Dk], v_t [B, H, n_h, Dv], beta_t [B, H, n_h]."""
-    check_tensor("q_t", q_t, 3)
-    check_tensor("k_t", k_t, 4)
-    check_tensor("v_t", v_t, 4)
-    B, H, Dk = q_t.shape
-    n_h = k_t.shape[2]
-    if k_t.shape[:2] != q_t.shape[:2] or k_t.shape[3] != Dk:
-        raise ValueError(f"k_t: expected shape [B, H, n_h, Dk] = [{B}, {H}, n_h, {Dk}] to "
-                         f"match q_t, got {tuple(k_t.shape)}")
-    if v_t.shape[:3] != k_t.shape[:3]:
-        raise ValueError(f"v_t: expected shape [B, H, n_h, Dv] = [{B}, {H}, {n_h}, Dv] to "
-                         f"match k_t, got {tuple(v_t.shape)}")
-    _same_dtype_device(q_t, "q_t", ("k_t", k_t), ("v_t", v_t))
-    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-        check_finite(name, x)
-    if beta_t is None:
-        raise ValueError(f"beta_t: DeltaProduct needs step sizes of shape [B, H, n_h] = "
-                         f"{[B, H, n_h]}, got None")
-    check_like("beta_t", beta_t, q_t, (B, H, n_h), "[B, H, n_h]")
-    return B, H, n_h, Dk, v_t.shape[-1]
+        raise ValueError(f"{nb}: DeltaProduct needs step sizes of shape [{axes}, n_h] = "
+                         f"{[*lead, n_h]}, got None")
+    check_like(nb, beta, q, (*lead, n_h), f"[{axes}, n_h]")
+    return (*lead, n_h, Dk, v.shape[-1])
 
 
 def _same_dtype_device(ref, ref_name, *others):
