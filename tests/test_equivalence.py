@@ -56,6 +56,8 @@ RECIPES = [
     # Local constant regression = softmax attention (Eq. 50-51).
     _p(Weights.local(), FunctionClass.local_polynomial(0), Optimizer.exact(), "local0-default_bw"),
     _p(Weights.local(1.5), FunctionClass.local_polynomial(0), Optimizer.exact(), "local0-bw1.5"),
+    # Local linear regression (p = 1, Eq. 52-54), ridge on the slope.
+    _p(Weights.local(), FunctionClass.local_polynomial(1), Optimizer.exact(0.1), "local1-ridge"),
 ]
 
 SIZES = [  # (B, T, H, Dk, Dv)
@@ -70,7 +72,8 @@ DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id=
 # Every form each op offers (its default is one of them), from the op's module.
 FORMS = {op: importlib.import_module(f"ttr.ops.{module}").FORMS for op, module in (
     ("linear_attention", "linear"), ("rls", "rls"), ("delta_rule", "delta"),
-    ("delta_product", "delta_product"), ("softmax_attention", "local"))}
+    ("delta_product", "delta_product"), ("softmax_attention", "local"),
+    ("local_linear_attention", "local_linear"))}
 # Only the recurrent form of the momentum op is exact online SGD; its chunk forms are Titans'
 # chunk-start approximation (tested against their own spec in test_momentum.py).
 FORMS["momentum_delta_rule"] = ("recurrent",)

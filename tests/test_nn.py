@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ttr.nn import Mixer, MixerConfig, ShortConv
+from ttr.nn.gates import SigmoidDecay
 from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights
 from ttr.testing import assert_close
 
@@ -25,7 +26,7 @@ RECIPES = [
 ]
 
 CONFIG = MixerConfig(d_model=12, n_heads=2, conv_q=3, conv_k=2, conv_v=4, qk_norm=True,
-                     output_norm=True, bias=True)
+                     output_norm="rms", bias=True)
 
 
 def make(recipe, config=CONFIG, seed=0, dtype=torch.float32):
@@ -68,11 +69,13 @@ def test_gradients_reach_every_parameter(recipe):
 
 def test_gates_match_the_recipe():
     la = make(RECIPES[0].values[0])
-    assert la.g_proj is None and la.b_proj is None
-    gla = make(RECIPES[5].values[0])
-    assert gla.g_proj.out_features == 2 * 6 and gla.b_proj is None  # per key dim, 2 heads
-    gdn = make(RECIPES[3].values[0])
-    assert gdn.g_proj.out_features == 2 and gdn.b_proj.out_features == 2
+    assert len(la.gates) == 0
+    (gla,) = make(RECIPES[5].values[0]).gates
+    assert isinstance(gla, SigmoidDecay) and gla.proj.out_features == 2 * 6  # per key dim
+    decay, step = make(RECIPES[3].values[0]).gates
+    assert decay.proj.out_features == 2 and step.proj.out_features == 2 and step.kind == "sigmoid"
+    (longhorn,) = make(RECIPES[4].values[0]).gates
+    assert longhorn.kind == "softplus"
 
 
 def test_no_state_when_not_asked():
@@ -140,6 +143,8 @@ def test_short_conv_init_and_errors():
     (dict(d_model=8, conv_q=1.5), "conv_q"),
     (dict(d_model=8, qk_norm=1), "qk_norm"),
     (dict(d_model=8, output_norm="yes"), "output_norm"),
+    (dict(d_model=8, n_heads=4, n_kv_heads=3), "n_kv_heads"),
+    (dict(d_model=8, output_gate="relu"), "output_gate"),
     (dict(d_model=True), "d_model"),
 ])
 def test_config_errors_name_the_field(kwargs, field):

@@ -184,7 +184,9 @@ OP_TABLE = [
     (U, LIN, Optimizer.sgd(momentum=0.9, weight_decay=0.1), None),
     (L, FunctionClass.local_polynomial(0), Optimizer.exact(), "softmax_attention"),
     (Weights.local(3.0), FunctionClass.local_polynomial(0), Optimizer.exact(), "softmax_attention"),
-    (L, FunctionClass.local_polynomial(1), Optimizer.exact(), None),
+    (L, FunctionClass.local_polynomial(1), Optimizer.exact(), "local_linear_attention"),
+    (L, FunctionClass.local_polynomial(1), Optimizer.exact(0.1), "local_linear_attention"),
+    (L, FunctionClass.local_polynomial(2), Optimizer.exact(), None),
     (U, FunctionClass.kernel_class("exp"), Optimizer.exact(), None),
     (U, FunctionClass.kernel_class("exp"), Optimizer.gd(), None),
 ]

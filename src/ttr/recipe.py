@@ -89,6 +89,7 @@ class FunctionClass:
 
     linear            m(k) = M k (Eq. 10).
     features          m(k) = M phi(k) with a named feature map (Eq. 3); q gets the same map.
+                      Maps with parameters (PARAMETRIC_FEATURE_MAPS) only run inside a layer.
     kernel            m(k) = M phi(k) with phi implicit in a kernel (Eq. 42): "exp"
                       exp(k.k'/sqrt(Dk)), "rbf" exp(-||k-k'||^2 / (2 Dk)), "polynomial"
                       (1 + k.k'/sqrt(Dk))^degree.
@@ -107,9 +108,10 @@ class FunctionClass:
             raise ValueError("FunctionClass.feature_map: required for kind='features' and only "
                              f"then, got kind={self.kind!r}, feature_map={self.feature_map!r}")
         if self.feature_map is not None:
-            from ttr.ops.features import FEATURE_MAPS
+            from ttr.ops.features import FEATURE_MAPS, PARAMETRIC_FEATURE_MAPS
 
-            _choice("FunctionClass.feature_map", self.feature_map, tuple(FEATURE_MAPS))
+            _choice("FunctionClass.feature_map", self.feature_map,
+                    (*FEATURE_MAPS, *PARAMETRIC_FEATURE_MAPS))
         if (self.kind == "kernel") != (self.kernel is not None):
             raise ValueError("FunctionClass.kernel: required for kind='kernel' and only then, "
                              f"got kind={self.kind!r}, kernel={self.kernel!r}")
@@ -223,9 +225,9 @@ class Recipe:
         if f.kind == "local_polynomial" and o.kind != "exact":
             raise ValueError(f"Recipe: a local polynomial is fitted exactly per query, got "
                              f"optimizer={o.kind!r}; use Optimizer.exact()")
-        if f.kind == "local_polynomial" and o.ridge > 0:
-            raise ValueError("Optimizer.ridge: the local-polynomial fit (Eq. 48-52) is solved "
-                             f"without a ridge here, got ridge={o.ridge}")
+        if f.kind == "local_polynomial" and f.degree == 0 and o.ridge > 0:
+            raise ValueError("Optimizer.ridge: the local-constant fit (softmax, Eq. 50) has no "
+                             f"slope to penalize, got ridge={o.ridge}")
         if f.kind == "kernel":
             if w.kind != "uniform":
                 raise ValueError(f"Recipe: kernel regression is defined here with uniform "
@@ -250,7 +252,7 @@ class Recipe:
         `ttr.reference.solve` does (yet)."""
         f, o = self.function_class, self.optimizer
         if f.kind == "local_polynomial":
-            return "softmax_attention" if f.degree == 0 else None
+            return {0: "softmax_attention", 1: "local_linear_attention"}.get(f.degree)
         if f.kind == "kernel":
             return None
         if o.kind == "gd":
@@ -281,14 +283,20 @@ def feature_map(recipe: Recipe, x: torch.Tensor) -> torch.Tensor:
         return x
     from ttr.ops.features import FEATURE_MAPS
 
-    return FEATURE_MAPS[recipe.function_class.feature_map](x)
+    name = recipe.function_class.feature_map
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"FunctionClass.feature_map: {name!r} has parameters (learned or "
+                         "random), which a layer owns; use ttr.nn.Mixer (ttr.nn.FeatureMap) or "
+                         "apply the map to q and k and pass FunctionClass.linear()")
+    return FEATURE_MAPS[name](x)
 
 
 def run(recipe: Recipe, q, k, v, *, g=None, beta=None, initial_state=None,
-        output_final_state=False, cu_seqlens=None, form=None):
+        output_final_state=False, cu_seqlens=None, form=None, causal=True):
     """Compute the recipe's outputs with its op (fast forms), `[B, T, H, Dv]`.
 
     The same arguments as `ttr.reference.solve`; the generic test suite holds the two equal.
+    causal=False (nonparametric memories only) fits every query to the whole sequence.
     """
     from ttr import ops
 
@@ -307,12 +315,18 @@ def run(recipe: Recipe, q, k, v, *, g=None, beta=None, initial_state=None,
               cu_seqlens=cu_seqlens)
     if form is not None:
         kw["form"] = form
-    if name == "softmax_attention":
-        _no("beta", beta, "local-constant regression")
+    if name in ("softmax_attention", "local_linear_attention"):
+        _no("beta", beta, "local polynomial regression")
         bw = recipe.weights.bandwidth
         if bw is None:
             bw = 2.0 * q.shape[-1] ** 0.5
-        return ops.softmax_attention(q, k, v, bandwidth=bw, **kw)
+        if name == "softmax_attention":
+            return ops.softmax_attention(q, k, v, bandwidth=bw, causal=causal, **kw)
+        return ops.local_linear_attention(q, k, v, bandwidth=bw, ridge=o.ridge, causal=causal,
+                                          **kw)
+    if not causal:
+        raise ValueError(f"causal: the {name} op computes causal memories only; the non-causal "
+                         "read of a parametric memory is its final state (ttr.nn.Mixer)")
     q, k = feature_map(recipe, q), feature_map(recipe, k)
     if name == "linear_attention":
         _no("beta", beta, "one-step gradient descent")

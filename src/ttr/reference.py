@@ -32,7 +32,8 @@ features     phi (ttr.ops.features) applied to q and k, then as linear (Eq. 3).
 kernel       exact: y = V^T S (S k(K,K) S + lambda I)^+ S k(K,q), S = diag(sqrt(beta)) (Eq. 43,
              weighted as the feature-space problem it is); gd (one step): lr V^T k(K,q) (Eq. 45-47).
 local        degree-p polynomial in d_i = k_i - q_t fitted by weighted least squares (pinv, so
-polynomial   rank-deficient prefixes get the min-norm fit); y_t = the intercept M^[0] (Eq. 48-54).
+polynomial   rank-deficient prefixes get the min-norm fit); y_t = the intercept M^[0] (Eq. 48-54);
+             ridge on the non-intercept coefficients of the normalized-weight problem.
 
 Inputs are q, k: [B, T, H, Dk], v: [B, T, H, Dv] in any float dtype; g: [B, T, H] (per-dimension
 decay: [B, T, H, Dk]); beta: [B, T, H]. Internally everything is float64 in [B, H, T, D], so
@@ -66,7 +67,7 @@ def _solve(recipe, q, k, v, g, beta):
     w, f, o = recipe.weights, recipe.function_class, recipe.optimizer
     if f.kind == "local_polynomial":
         bw = w.bandwidth if w.bandwidth is not None else 2.0 * math.sqrt(q.shape[-1])
-        y = _local_polynomial(q, k, v, f.degree, bw)
+        y = _local_polynomial(q, k, v, f.degree, bw, o.ridge)
     elif f.kind == "kernel":
         y = _kernel(q, k, v, beta, f, o)
     else:
@@ -242,16 +243,26 @@ def _monomials(d: torch.Tensor, degree: int) -> torch.Tensor:
     return torch.stack(cols, dim=-1)
 
 
-def _local_polynomial(q, k, v, degree: int, bandwidth: float):
-    """Local polynomial regression around each query; the intercept is the output (Eq. 48-54)."""
+def _local_polynomial(q, k, v, degree: int, bandwidth: float, ridge: float = 0.0):
+    """Local polynomial regression around each query; the intercept is the output (Eq. 48-54).
+    ridge acts on the non-intercept coefficients of the normalized-weight problem
+    (weights w_i / sum_j w_j), i.e. ridge * sum_j w_j on the raw weights."""
     T = k.shape[2]
     d = k[:, :, None] - q[:, :, :, None]  # [b, h, t, i] = d_i = k_i - q_t, [B, H, T, T, Dk]
     logw = -d.pow(2).sum(-1) / bandwidth  # log s(k_i, q_t), [B, H, T, T]
     logw = logw.masked_fill(_prefix(T) == 0, -math.inf)  # only the prefix i <= t
-    # A common factor on all weights of problem t leaves its argmin unchanged, avoids underflow.
-    sw = (logw - logw.amax(-1, keepdim=True)).exp().sqrt().unsqueeze(-1)  # [B, H, T, T, 1]
+    # A common factor on all weights of problem t leaves its argmin unchanged, avoids underflow;
+    # normalizing them to sum 1 makes the ridge act on the normalized problem.
+    w = (logw - logw.amax(-1, keepdim=True)).exp()
+    sw = (w / w.sum(-1, keepdim=True)).sqrt().unsqueeze(-1)  # [B, H, T, T, 1]
     X = sw * _monomials(d, degree)  # [B, H, T, T, P]
-    theta = torch.linalg.pinv(X) @ (sw * v[:, :, None])  # [B, H, T, P, Dv]
+    Y = sw * v[:, :, None]  # [B, H, T, T, Dv]
+    if ridge > 0:  # rows sqrt(ridge) e_j, j >= 1, with target 0
+        P = X.shape[-1]
+        pen = math.sqrt(ridge) * torch.eye(P, dtype=F64)[1:]  # [P-1, P]
+        X = torch.cat([X, pen.expand(*X.shape[:3], P - 1, P)], dim=-2)
+        Y = torch.cat([Y, Y.new_zeros(*Y.shape[:3], P - 1, Y.shape[-1])], dim=-2)
+    theta = torch.linalg.pinv(X) @ Y  # [B, H, T, P, Dv]
     return theta[..., 0, :]
 
 

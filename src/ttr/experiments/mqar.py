@@ -198,7 +198,8 @@ class MQARModel(nn.Module):
         self.embed = nn.Embedding(vocab_size, d_model)
         self.mixer = Mixer(recipe, MixerConfig(d_model=d_model, n_heads=1, d_key=d_model,
                                                d_value=d_model, conv_k=2,
-                                               output_norm=output_norm, form=form))
+                                               output_norm="rms" if output_norm else None,
+                                               form=form))
         self.norm = nn.RMSNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 

@@ -5,15 +5,19 @@ from ttr.ops.delta_product import delta_product, delta_product_step
 from ttr.ops.linear import linear_attention, linear_attention_step
 from ttr.ops.local import softmax_attention, softmax_attention_step
 from ttr.ops.local_linear import local_linear_attention
+from ttr.ops.mlstm import mlstm, mlstm_step
 from ttr.ops.momentum import momentum_delta_rule, momentum_delta_rule_step
 from ttr.ops.rls import rls, rls_step
+from ttr.ops.rwkv6 import rwkv6, rwkv6_step
 
 __all__ = [
     "delta_rule", "delta_rule_step",
     "delta_product", "delta_product_step",
     "linear_attention", "linear_attention_step",
     "local_linear_attention",
+    "mlstm", "mlstm_step",
     "momentum_delta_rule", "momentum_delta_rule_step",
     "rls", "rls_step",
+    "rwkv6", "rwkv6_step",
     "softmax_attention", "softmax_attention_step",
 ]

@@ -114,6 +114,11 @@ def check_state(name: str, s, shape: tuple[int, ...], what: str, ref: torch.Tens
     return check_like(name, s, ref, shape, what)
 
 
+def check_causal(causal) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__} {causal!r}")
+
+
 def check_form(form: str, allowed: tuple[str, ...]) -> str:
     if form not in allowed:
         raise ValueError(f"form: expected one of {list(allowed)}, got {form!r}")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ttr.ops.common import (
+    check_causal,
     check_cu_seqlens,
     check_form,
     check_qkv,
@@ -45,22 +46,26 @@ FORMS = ("fused", "recurrent")
 
 
 def softmax_attention(q, k, v, *, scale=None, bandwidth=None, initial_state=None,
-                      output_final_state=False, cu_seqlens=None, form="fused"):
+                      output_final_state=False, cu_seqlens=None, form="fused", causal=True):
     """Causal softmax attention / Gaussian-kernel Nadaraya-Watson regression.
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; scale: float (default 1/sqrt(Dk)) or bandwidth:
     float > 0 (then scale must be None); initial_state: (K [B, Tc, H, Dk], V [B, Tc, H, Dv]).
     With cu_seqlens, initial_state is a pair with leading dim N (one cache per sequence, same
     Tc) or a list of N pairs, and the final state is a list of N pairs (caches differ in length).
+    causal=False lets every query see every key of the call (and the cache): the regressor
+    fitted to the whole sequence (an encoder's attention).
     Returns o [B, T, H, Dv] (dtype of q) and the final cache or None.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     _check_similarity(scale, bandwidth)
+    check_causal(causal)
     check_form(form, FORMS)
     check_cu_seqlens(cu_seqlens, q)
     if cu_seqlens is None:
         _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
-        return _attend(q, k, v, scale, bandwidth, initial_state, output_final_state, form)
+        return _attend(q, k, v, scale, bandwidth, initial_state, output_final_state, form,
+                       causal)
 
     caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
     # varlen stacks final states on a leading dim, which caches of different lengths cannot
@@ -68,7 +73,7 @@ def softmax_attention(q, k, v, *, scale=None, bandwidth=None, initial_state=None
     finals = []
 
     def run(q, k, v, initial_state, output_final_state):
-        o, s = _attend(q, k, v, scale, bandwidth, caches[len(finals)], True, form)
+        o, s = _attend(q, k, v, scale, bandwidth, caches[len(finals)], True, form, causal)
         finals.append(s)
         return o, None
 
@@ -135,11 +140,12 @@ def _check_cache(name, s, B, H, Dk, Dv, ref) -> None:
 
 # -- forms -------------------------------------------------------------------------------------
 
-def _attend(q, k, v, scale, bandwidth, cache, output_final_state, form):
+def _attend(q, k, v, scale, bandwidth, cache, output_final_state, form, causal=True):
     K, V = k, v
     if cache is not None:
         K, V = torch.cat([cache[0].to(k.dtype), k], 1), torch.cat([cache[1].to(v.dtype), v], 1)
-    Tc = K.shape[1] - q.shape[1]  # cached steps before this call
+    # cached steps before this call; non-causal = every key counts as cached before query 0
+    Tc = K.shape[1] - q.shape[1] if causal else K.shape[1]
     if form == "fused":
         o = _fused(q, K, V, scale, bandwidth, Tc)
     else:

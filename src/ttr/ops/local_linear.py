@@ -49,7 +49,7 @@ import math
 
 import torch
 
-from ttr.ops.common import check_cu_seqlens, check_form, check_qkv, varlen
+from ttr.ops.common import check_causal, check_cu_seqlens, check_form, check_qkv, varlen
 from ttr.ops.linear import compute_dtype
 from ttr.ops.local import _check_cache, split_caches
 
@@ -59,16 +59,18 @@ PINV_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=None,
                            output_final_state=False, cu_seqlens=None, form="blocked",
-                           block_size=64):
+                           block_size=64, causal=True):
     """Causal local linear regression attention (p = 1 local polynomial, Eq. 52-54).
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; bandwidth: float > 0 (default 2 sqrt(Dk));
     ridge: float >= 0 on the slope M1; initial_state: KV cache (K [B, Tc, H, Dk],
     V [B, Tc, H, Dv]). With cu_seqlens, initial_state is a pair with leading dim N or a list
     of N pairs, and the final state is a list of N pairs (as in `softmax_attention`).
+    causal=False fits every query to all keys of the call and the cache (non-causal).
     Returns o [B, T, H, Dv] (dtype of q) and the final cache or None.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    check_causal(causal)
     _check_number("bandwidth", bandwidth, allow_zero=False, allow_none=True)
     _check_number("ridge", ridge, allow_zero=True, allow_none=False)
     check_form(form, FORMS)
@@ -76,7 +78,7 @@ def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=
         raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
     check_cu_seqlens(cu_seqlens, q)
     bw = float(bandwidth) if bandwidth is not None else 2.0 * math.sqrt(Dk)
-    args = (bw, float(ridge), form, block_size)
+    args = (bw, float(ridge), form, block_size, causal)
     if cu_seqlens is None:
         _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
         return _attend(q, k, v, initial_state, output_final_state, *args)
@@ -105,11 +107,12 @@ def _check_number(name, x, *, allow_zero, allow_none) -> None:
 
 # -- forms -----------------------------------------------------------------------------------
 
-def _attend(q, k, v, cache, output_final_state, bw, ridge, form, block_size):
+def _attend(q, k, v, cache, output_final_state, bw, ridge, form, block_size, causal):
     K, V = k, v
     if cache is not None:
         K, V = torch.cat([cache[0].to(k.dtype), k], 1), torch.cat([cache[1].to(v.dtype), v], 1)
-    Tc = K.shape[1] - q.shape[1]  # cached steps before this call
+    # cached steps before this call; non-causal = every key counts as cached before query 0
+    Tc = K.shape[1] - q.shape[1] if causal else K.shape[1]
     B, H = q.shape[0], q.shape[2]
     dt = compute_dtype(q)
     # [B, T, H, D] -> [B*H, T, D]: (batch, head) is one leading batch dim of every matmul
@@ -146,8 +149,9 @@ def _blocked(q, K, V, Tc, bw, ridge, block_size):
         pos = Tc + torch.arange(a, b, device=q.device)  # global position of each query
         mx = None
         acc = None
-        for s in range(0, Tc + b, block_size):
-            e = min(s + block_size, Tc + b)
+        end = min(Tc + b, K.shape[1])  # keys visible to the block's last query
+        for s in range(0, end, block_size):
+            e = min(s + block_size, end)
             kc, vb = K[:, s:e] - c, V[:, s:e]  # [BH, Bk, Dk], [BH, Bk, Dv]
             # 2. log-weights up to the per-query constant -||q'||^2 / bw
             logw = (2 * qc @ kc.mT - (kc * kc).sum(-1)[:, None]) / bw  # [BH, Bq, Bk]

@@ -1,0 +1,92 @@
+"""Online SGD on the newest pair, warm-started from the previous memory (Eq. 26-41): the delta
+rule and its step-size rules, forgetting, several steps per token, momentum, and nonlinear
+(MLP) memories trained at test time. The layers normalize q and k to unit length where their
+papers do (DeltaNet and its descendants), which keeps a step beta in (0, 1) stable."""
+
+from __future__ import annotations
+
+from ttr.catalog.registry import Built, entry
+from ttr.nn.gates import MambaDecay, StepSize
+from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights
+
+LIN = FunctionClass.linear()
+CONV4 = dict(conv_q=4, conv_k=4, conv_v=4, conv_silu=True)
+
+
+@entry("deltanet", "online SGD",
+       "Schlag et al. 2021, Linear Transformers Are Secretly Fast Weight Programmers (ICML); "
+       "Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence "
+       "Length (NeurIPS)",
+       **CONV4, qk_norm=True, output_norm="rms")
+def deltanet(config):
+    """DeltaNet (Schlag et al. 2021, Eq. 17-20; Yang et al. 2024, Eq. 1): one SGD step per
+    token with a data-dependent step beta_t = sigmoid(W x), S_t = S_{t-1}(I - beta k k^T)
+    + beta k v^T (paper Eq. 29), on L2-normalized q, k after a SiLU short conv (Yang et al.)."""
+    recipe = Recipe(Weights.uniform(), LIN, Optimizer.sgd())
+    return Built(recipe, (StepSize(config.d_model, config.n_heads),))
+
+
+@entry("longhorn", "online SGD",
+       "Liu et al. 2024, Longhorn: State Space Models are Amortized Online Learners",
+       **CONV4)
+def longhorn(config):
+    """Longhorn (Liu et al. 2024, Eq. 8-9; paper Eq. 30-31): the implicit (proximal) online
+    step, beta_t = delta_t / (1 + delta_t ||k_t||^2) with delta_t = softplus(W x) > 0; keys
+    are not normalized (the rule adapts the step to ||k||). Deviation: Longhorn's per-channel
+    state (a diagonal-in-value SSM with separate delta per value channel) is one delta per head
+    here, the matrix memory of the paper's Eq. 31."""
+    recipe = Recipe(Weights.uniform(), LIN, Optimizer.sgd("longhorn"))
+    return Built(recipe, (StepSize(config.d_model, config.n_heads, kind="softplus"),))
+
+
+@entry("nlms", "online SGD",
+       "Wang, Shi & Fox 2025, Test-time regression (Eq. 32-33); Kaczmarz 1937; Nagumo & Noda "
+       "1967 (NLMS)",
+       **CONV4)
+def nlms(config):
+    """NLMS / Kaczmarz (paper Eq. 32-33, proposed as a layer by the paper): beta_t =
+    1 / ||k_t||^2, the smallest change of the memory that interpolates the newest pair exactly
+    (an orthogonal projection, stable for any key norm). No learned step; keys are not
+    normalized (with unit keys it would be DeltaNet with beta = 1)."""
+    return Built(Recipe(Weights.uniform(), LIN, Optimizer.sgd("nlms")))
+
+
+@entry("leaky_lms", "online SGD",
+       "Wang, Shi & Fox 2025, Test-time regression (Eq. 34-37, the decoupled leaky LMS the "
+       "paper suggests)",
+       **CONV4, qk_norm=True, output_norm="rms")
+def leaky_lms(config, *, weight_decay: float = 0.1):
+    """Leaky LMS (paper Eq. 34-37): SGD on 1/2 ||v - M k||^2 + lambda/2 ||M||^2 with the
+    learning rate beta_t = sigmoid(W x) and the L2 strength lambda (`weight_decay`) decoupled;
+    ttr runs it as Gated DeltaNet with alpha_t = 1 - beta_t lambda (Eq. 38-41,
+    ttr.recipe.sgd_gates)."""
+    recipe = Recipe(Weights.uniform(), LIN, Optimizer.sgd(weight_decay=weight_decay))
+    return Built(recipe, (StepSize(config.d_model, config.n_heads),))
+
+
+@entry("gated_deltanet", "online SGD",
+       "Yang, Kautz & Hatamizadeh 2025, Gated Delta Networks: Improving Mamba2 with Delta Rule "
+       "(ICLR)",
+       **CONV4, qk_norm=True, output_norm="rms", output_gate="silu")
+def gated_deltanet(config):
+    """Gated DeltaNet (Yang et al. 2025, Eq. 10): S_t = alpha_t S_{t-1}(I - beta_t k k^T)
+    + beta_t k v^T with Mamba-2's decay alpha_t = exp(-exp(A) softplus(W x + b)) and
+    beta_t = sigmoid(W x); L2-normalized q, k after a SiLU conv, gated RMSNorm output. Paper
+    Eq. 41: it is the leaky LMS reparameterized."""
+    recipe = Recipe(Weights.geometric(), LIN, Optimizer.sgd())
+    return Built(recipe, (MambaDecay(config.d_model, config.n_heads, scale_v=False),
+                          StepSize(config.d_model, config.n_heads)))
+
+
+@entry("deltaproduct", "online SGD",
+       "Siems et al. 2025, DeltaProduct: Improving State-Tracking in Linear RNNs via Householder "
+       "Products",
+       **CONV4, qk_norm=True, output_norm="rms", keys_per_token=2)
+def deltaproduct(config):
+    """DeltaProduct (Siems et al. 2025, Eq. 4-5): n_h = keys_per_token delta steps per token,
+    each with its own key, value and step, S_t = S_{t-1} prod_j (I - beta_j k_j k_j^T) + ...
+    Deviation: beta_j = sigmoid in (0, 1); the paper's variant with beta in (0, 2) (negative
+    eigenvalues, for state tracking) is the same op with 2 sigmoid."""
+    recipe = Recipe(Weights.uniform(), LIN, Optimizer.sgd(steps=config.keys_per_token))
+    return Built(recipe, (StepSize(config.d_model, config.n_heads, n=config.keys_per_token),),
+                 memory="delta_product")
