@@ -30,7 +30,7 @@ BAD_FIELDS = [
     (lambda: Weights.local(math.nan), ValueError, "Weights.bandwidth"),
     (lambda: Weights.local("2"), TypeError, "Weights.bandwidth"),
     (lambda: Weights.local(True), TypeError, "Weights.bandwidth"),
-    (lambda: FunctionClass("mlp"), ValueError, "FunctionClass.kind"),
+    (lambda: FunctionClass("transformer"), ValueError, "FunctionClass.kind"),
     (lambda: FunctionClass("features"), ValueError, "FunctionClass.feature_map"),
     (lambda: FunctionClass("linear", feature_map="elu1"), ValueError, "FunctionClass.feature_map"),
     (lambda: FunctionClass.features("softplus9"), ValueError, "FunctionClass.feature_map"),
@@ -140,6 +140,12 @@ BAD_RECIPES = [
     (GD, LIN, Optimizer.sgd(), "per-dimension"),
     (U, LIN, Optimizer.sgd("nlms", weight_decay=0.1), "NLMS"),
 ]
+
+
+def test_mlp_memories_need_sgd_and_have_no_recipe_op():
+    with pytest.raises(ValueError, match="MLP memory"):
+        Recipe(U, FunctionClass.mlp(), Optimizer.exact(0.1))
+    assert Recipe(U, FunctionClass.mlp(), Optimizer.sgd()).op is None
 
 
 def test_local_polynomial_with_ridge_is_rejected():

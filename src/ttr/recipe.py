@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 WEIGHT_KINDS = ("uniform", "geometric", "local")
-FUNCTION_KINDS = ("linear", "features", "kernel", "local_polynomial")
+FUNCTION_KINDS = ("linear", "features", "kernel", "local_polynomial", "mlp")
 OPTIMIZER_KINDS = ("exact", "gd", "sgd")
 STEP_SIZE_RULES = ("constant", "longhorn", "nlms")
 KERNELS = ("exp", "rbf", "polynomial")
@@ -95,6 +95,9 @@ class FunctionClass:
                       (1 + k.k'/sqrt(Dk))^degree.
     local_polynomial  locally a degree-p polynomial around the query (Eq. 49); p = 0 is
                       softmax attention (Eq. 50), p = 1 local linear attention (Eq. 52).
+    mlp               a nonlinear parametric regressor trained by SGD at test time (Vignette 3:
+                      TTT-MLP, Titans); its architecture is the layer's (ttr.ops.nonlinear,
+                      ttr.ops.titans), and no closed-form oracle exists.
     """
 
     kind: str = "linear"
@@ -143,6 +146,10 @@ class FunctionClass:
     @classmethod
     def local_polynomial(cls, degree: int = 0) -> FunctionClass:
         return cls("local_polynomial", degree=degree)
+
+    @classmethod
+    def mlp(cls) -> FunctionClass:
+        return cls("mlp")
 
 
 @dataclass(frozen=True)
@@ -236,6 +243,9 @@ class Recipe:
                 raise ValueError("Recipe: a kernel memory is solved exactly (Eq. 43) or by one "
                                  "GD step from zero (unnormalized softmax, Eq. 45-47), got "
                                  f"optimizer={o.kind!r} with steps={o.steps}")
+        if f.kind == "mlp" and o.kind != "sgd":
+            raise ValueError(f"Recipe: an MLP memory is trained by SGD at test time (TTT, "
+                             f"Titans), got optimizer={o.kind!r}")
         if w.granularity == "dim" and o.kind != "gd":
             raise ValueError("Recipe: per-dimension decay re-weights key coordinates, which "
                              "only one-step GD (gated linear attention) turns into a memory; "
@@ -251,6 +261,8 @@ class Recipe:
         """Name of the `ttr.ops` function that computes this recipe, or None if only
         `ttr.reference.solve` does (yet)."""
         f, o = self.function_class, self.optimizer
+        if f.kind == "mlp":
+            return None  # the layer's own memory (ttr.nn.memory: "ttt", "titans")
         if f.kind == "local_polynomial":
             return {0: "softmax_attention", 1: "local_linear_attention"}.get(f.degree)
         if f.kind == "kernel":

@@ -277,6 +277,9 @@ def _check(recipe, q, k, v, g, beta):
         raise TypeError(f"recipe: expected a ttr.Recipe, got {type(recipe).__name__}")
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     w, f, o = recipe.weights, recipe.function_class, recipe.optimizer
+    if f.kind == "mlp":
+        raise ValueError("recipe: an MLP memory has no closed-form oracle; its spec is the "
+                         "recurrent form of ttr.ops.ttt / ttr.ops.titans")
     need = recipe.needs()
     if need["g"] and g is None:
         raise ValueError("g: geometric weights need a log-decay g, got None")

@@ -101,6 +101,9 @@ def describe(name: str, d_model: int = 256, n_heads: int = 4, seq_len: int = 204
     fc = {"features": f"features ({m.config.feature_map or f.feature_map})",
           "kernel": f"kernel ({f.kernel})",
           "local_polynomial": f"local polynomial p={f.degree}"}.get(f.kind, f.kind)
+    if f.kind == "mlp":
+        model = getattr(m.gates[0], "model", "mlp")  # TTT-Linear: x + LN(x W + b)
+        fc = "MLP" if model == "mlp" else "linear + LN, residual"
     if m.feature is not None and f.kind == "linear":
         fc = f"features ({m.feature.name})"
     o = r.optimizer
@@ -108,8 +111,8 @@ def describe(name: str, d_model: int = 256, n_heads: int = 4, seq_len: int = 204
            "sgd": f"online SGD ({o.step_size}" + (f", {o.steps} steps" if o.steps > 1 else "")
            + (f", wd {o.weight_decay:g}" if o.weight_decay else "")
            + (f", momentum {o.momentum:g}" if o.momentum else "") + ")"}[o.kind]
-    grows = m.state_size(1) != m.state_size(2)
-    size = f"{m.state_size(seq_len):,}" + (f" (T={seq_len})" if grows else "")
+    grows = m.memory.grows(m)
+    size = f"{m.state_size(seq_len if grows else None):,}" + (f" (T={seq_len})" if grows else "")
     op = r.op if m.memory_name == "recipe" else m.memory_name
     return {"name": name, "family": e.family, "weights": w, "function class": fc,
             "optimizer": opt, "op": op, "state size": size, "citation": e.citation}

@@ -6,7 +6,7 @@ papers do (DeltaNet and its descendants), which keeps a step beta in (0, 1) stab
 from __future__ import annotations
 
 from ttr.catalog.registry import Built, entry
-from ttr.nn.gates import MambaDecay, StepSize
+from ttr.nn.gates import InnerModel, MambaDecay, NeuralMemory, StepSize
 from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights
 
 LIN = FunctionClass.linear()
@@ -90,3 +90,53 @@ def deltaproduct(config):
     recipe = Recipe(Weights.uniform(), LIN, Optimizer.sgd(steps=config.keys_per_token))
     return Built(recipe, (StepSize(config.d_model, config.n_heads, n=config.keys_per_token),),
                  memory="delta_product")
+
+
+@entry("ttt_linear", "online SGD",
+       "Sun et al. 2024, Learning to (Learn at Test Time): RNNs with Expressive Hidden States",
+       output_norm="layer", output_gate="silu")
+def ttt_linear(config, *, mini_batch: int = 16, base_lr: float = 1.0):
+    """TTT-Linear (Sun et al. 2024, Sections 2.4-2.7): the inner model f(x) = x + LN(x W + b)
+    trained on 1/2 ||LN(g(k)) - (v - k)||^2 by mini-batch GD (b = 16, gradients at the
+    mini-batch start), learnable token-dependent inner learning rate base * sigmoid(W x) / D;
+    output f_{W_t}(q_t). Deviations: TTT's learnable 1/t scaling of the rows inside a
+    mini-batch is left out (ttr.ops.nonlinear); decoding replays the tokens since the last
+    mini-batch boundary (exact, O(b) per token) instead of TTT's accumulated-gradient cache.
+    Needs d_key == d_value (the residual)."""
+    return _ttt(config, "linear", mini_batch, base_lr)
+
+
+@entry("ttt_mlp", "online SGD",
+       "Sun et al. 2024, Learning to (Learn at Test Time): RNNs with Expressive Hidden States",
+       output_norm="layer", output_gate="silu")
+def ttt_mlp(config, *, mini_batch: int = 16, base_lr: float = 0.1):
+    """TTT-MLP (Sun et al. 2024): as TTT-Linear with a 2-layer MLP inner model
+    g(x) = gelu(x W1 + b1) W2 + b2 (hidden 4D, tanh-gelu), base inner learning rate 0.1."""
+    return _ttt(config, "mlp", mini_batch, base_lr)
+
+
+def _ttt(config, model, mini_batch, base_lr):
+    if config.dk != config.dv:
+        raise ValueError(f"d_key: TTT's inner model is residual, x + LN(g(x)), so it needs "
+                         f"d_key == d_value, got {config.dk} and {config.dv}")
+    recipe = Recipe(Weights.uniform(), FunctionClass.mlp(), Optimizer.sgd())
+    gate = InnerModel(config.d_model, config.n_heads, config.dk, model=model, base=base_lr,
+                      mini_batch=mini_batch)
+    return Built(recipe, (gate,), memory="ttt")
+
+
+@entry("titans", "online SGD",
+       "Behrouz, Zhong & Mirrokni 2024, Titans: Learning to Memorize at Test Time",
+       **CONV4, qk_norm=True, output_norm="rms", output_gate="silu")
+def titans(config, *, depth: int = 2, chunk_size: int = 16):
+    """Titans' neural memory (Behrouz et al. 2024, Eq. 8-15): an MLP memory (depth 2, SiLU)
+    trained on 1/2 ||M(k) - v||^2 by SGD with data-dependent momentum eta_t and forgetting
+    alpha_t, S_t = eta_t S_{t-1} - theta_t grad, M_t = (1 - alpha_t) M_{t-1} + S_t, gradients
+    at the chunk's start memory (Section 3.2, chunks of 16); output M_t(q_t). The memory module
+    alone (Titans' "LMM"), not the MAC/MAG/MAL architectures around it; q, k L2-normalized after
+    a SiLU conv, as Titans does."""
+    recipe = Recipe(Weights.geometric(), FunctionClass.mlp(),
+                    Optimizer.sgd(momentum=0.9))
+    gate = NeuralMemory(config.d_model, config.n_heads, config.dk, config.dv, depth=depth,
+                        chunk_size=chunk_size)
+    return Built(recipe, (gate,), memory="titans")

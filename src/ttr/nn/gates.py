@@ -14,7 +14,7 @@ Delta; LRU normalizes the input), or only add entries to `inputs`. A Mixer appli
 gates in order, so Gated DeltaNet is (MambaDecay, StepSize). The names of the entries match
 the op arguments: g (log-decay, Eq. 14), beta (SGD step size or sample weight), i and f
 (mLSTM's input and forget gates), u (RWKV-6 bonus), eta (TTT inner learning rate), lr /
-momentum / decay (Titans).
+momentum / decay (Titans), params (the initial weights of TTT's and Titans' inner models).
 """
 
 from __future__ import annotations
@@ -99,7 +99,10 @@ class ForgetGateKey(nn.Module):
     """HGRN-2 (Qin et al. 2024, Eq. 5-6): a per-dimension forget gate with a lower bound,
     f_t = lb + (1 - lb) sigmoid(W x + b), and the key tied to it, k_t = 1 - f_t (the input gate
     of HGRN-1 becomes the key). g = log f_t. HGRN-2 learns lb per layer, rising with depth (a
-    softmax-cumsum over layers); a single layer here takes it as a constant."""
+    softmax-cumsum over layers); a single layer here takes it as a constant. The layer has no
+    key projection (`replaces_key`): k arrives as None."""
+
+    replaces_key = True
 
     def __init__(self, d_model: int, n_heads: int, d_key: int, *, lower_bound: float = 0.0):
         super().__init__()
@@ -110,7 +113,7 @@ class ForgetGateKey(nn.Module):
 
     def forward(self, x, q, k, v, inputs):
         lb = self.lower_bound
-        f = lb + (1 - lb) * torch.sigmoid(self.proj(x)).view_as(k)  # [B, T, H, Dk]
+        f = lb + (1 - lb) * torch.sigmoid(self.proj(x)).view_as(q)  # [B, T, H, Dk]
         inputs["g"] = torch.log(f)
         return q, 1 - f, v, inputs
 
@@ -147,7 +150,9 @@ class RWKVDecay(nn.Module):
         self.shape = (n_heads, d_key)
         self.down = nn.Linear(d_model, rank, bias=False)
         self.up = nn.Linear(rank, n_heads * d_key, bias=False)
-        nn.init.zeros_(self.up.weight)  # starts data-independent, as RWKV-6
+        # RWKV-6 starts the LoRA data-independent (B = 0); a small B instead lets the gradient
+        # reach both factors from the first step
+        nn.init.normal_(self.up.weight, std=0.01)
         # RWKV-6's per-channel speed ramp: decay rates spread from slow to fast channels
         ramp = torch.linspace(0, 1, n_heads * d_key)
         self.d = nn.Parameter((-6 + 5 * ramp ** 0.7).view(n_heads, d_key))
@@ -206,36 +211,52 @@ class InputGate(nn.Module):
         return q, k, v, inputs
 
 
-class InnerLR(nn.Module):
-    """TTT (Sun et al. 2024, Section 2.7): a learnable, token-dependent inner learning rate
-    eta_t = eta_base * sigmoid(W x + b) per head."""
+class InnerModel(nn.Module):
+    """TTT (Sun et al. 2024, Sections 2.4-2.7): the inner model's initial weights and layer
+    norm (learned by the outer loop; ttr.ops.nonlinear.ttt_params initializes them) and the
+    learnable, token-dependent inner learning rate eta_t = base * sigmoid(W x + b) / D.
+    `block` is the mini-batch size b of the inner GD."""
 
-    def __init__(self, d_model: int, n_heads: int, *, base: float):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, *, model: str, base: float,
+                 mini_batch: int):
         super().__init__()
-        self.base = base
+        from ttr.ops.nonlinear import ttt_params
+
+        self.model, self.base, self.d_head, self.block = model, base, d_head, mini_batch
+        self.params = nn.ParameterDict({name: nn.Parameter(p) for name, p in
+                                        ttt_params(n_heads, d_head, model).items()})
         self.proj = nn.Linear(d_model, n_heads)
 
     def forward(self, x, q, k, v, inputs):
-        inputs["eta"] = self.base * torch.sigmoid(self.proj(x))  # [B, T, H]
+        inputs["eta"] = self.base * torch.sigmoid(self.proj(x)) / self.d_head  # [B, T, H]
+        inputs["params"] = dict(self.params)
         return q, k, v, inputs
 
 
-class TitansGates(nn.Module):
-    """Titans (Behrouz et al. 2024, Eq. 13-14): data-dependent learning rate theta_t,
-    momentum eta_t and forgetting alpha_t per head, each a sigmoid of a projection of x.
-    The learning rate is scaled by `lr_scale` so that the inner steps start small."""
+class NeuralMemory(nn.Module):
+    """Titans (Behrouz et al. 2024, Eq. 13-14): the MLP memory's initial weights
+    (ttr.ops.titans.titans_params; depth 2, SiLU) and data-dependent learning rate theta_t,
+    momentum eta_t and forgetting alpha_t per head, each a sigmoid of a projection of x. The
+    learning rate is scaled by `lr_scale` so that the inner steps start small; momentum rests
+    near 0.9 and forgetting near 0.02. `block` is the chunk inside which gradients are taken at
+    the chunk's start memory (Titans Section 3.2)."""
 
-    def __init__(self, d_model: int, n_heads: int, *, lr_scale: float = 0.1):
+    def __init__(self, d_model: int, n_heads: int, d_key: int, d_value: int, *, depth: int,
+                 chunk_size: int, lr_scale: float = 0.1):
         super().__init__()
-        self.lr_scale = lr_scale
+        from ttr.ops.titans import titans_params
+
+        self.lr_scale, self.n_heads, self.block = lr_scale, n_heads, chunk_size
+        self.params = nn.ParameterDict({name: nn.Parameter(p) for name, p in
+                                        titans_params(n_heads, d_key, d_value, depth).items()})
         self.proj = nn.Linear(d_model, 3 * n_heads)
-        with torch.no_grad():  # resting momentum ~0.9, forgetting ~0.01
+        with torch.no_grad():
             self.proj.bias.view(3, n_heads)[1] = 2.0
             self.proj.bias.view(3, n_heads)[2] = -4.0
 
     def forward(self, x, q, k, v, inputs):
         lr, mom, dec = torch.sigmoid(self.proj(x)).chunk(3, dim=-1)  # [B, T, H] each
-        inputs.update(lr=self.lr_scale * lr, momentum=mom, decay=dec)
+        inputs.update(lr=self.lr_scale * lr, momentum=mom, decay=dec, params=dict(self.params))
         return q, k, v, inputs
 
 

@@ -188,13 +188,19 @@ class Mixer(nn.Module):
                              "form (its output at t depends on the token at t itself)")
         c, H, Hkv, n, Dk, Dv = (config, config.n_heads, config.kv_heads, config.keys_per_token,
                                 config.dk, config.dv)
+        gates = default_gates(recipe, c) if gates is None else gates
+        keyless = any(getattr(gate, "replaces_key", False) for gate in gates)
+        if keyless and c.conv_k:
+            raise ValueError(f"MixerConfig.conv_k: this layer's key comes from a gate "
+                             f"({type(gates[0]).__name__}), not a projection; expected 0, got "
+                             f"{c.conv_k}")
         self.q_proj = nn.Linear(c.d_model, H * Dk, bias=c.bias)
-        self.k_proj = nn.Linear(c.d_model, Hkv * n * Dk, bias=c.bias)
+        self.k_proj = None if keyless else nn.Linear(c.d_model, Hkv * n * Dk, bias=c.bias)
         self.v_proj = nn.Linear(c.d_model, Hkv * n * Dv, bias=c.bias)
         self.q_conv = ShortConv(H * Dk, c.conv_q) if c.conv_q else None
         self.k_conv = ShortConv(Hkv * n * Dk, c.conv_k) if c.conv_k else None
         self.v_conv = ShortConv(Hkv * n * Dv, c.conv_v) if c.conv_v else None
-        self.gates = nn.ModuleList(default_gates(recipe, c) if gates is None else gates)
+        self.gates = nn.ModuleList(gates)
         fmap = c.feature_map or recipe.function_class.feature_map
         self.feature = (FeatureMap(fmap, Dk, **(feature_options or {}))
                         if fmap is not None else None)
@@ -225,15 +231,20 @@ class Mixer(nn.Module):
         B, T, _ = x.shape
         H, Hkv, n, Dk, Dv = c.n_heads, c.kv_heads, c.keys_per_token, c.dk, c.dv
         q, cq = self._conv(self.q_conv, self.q_proj(x), st.conv_q)
-        k, ck = self._conv(self.k_conv, self.k_proj(x), st.conv_k)
+        k, ck = None, None
+        if self.k_proj is not None:  # None: a gate makes the key (HGRN-2's k = 1 - f)
+            k, ck = self._conv(self.k_conv, self.k_proj(x), st.conv_k)
         v, cv = self._conv(self.v_conv, self.v_proj(x), st.conv_v)
         q = q.view(B, T, H, Dk)
         kv_shape = (B, T, Hkv, n) if n > 1 else (B, T, Hkv)
-        k, v = k.view(*kv_shape, Dk), v.view(*kv_shape, Dv)
+        v = v.view(*kv_shape, Dv)
+        k = k.view(*kv_shape, Dk) if k is not None else None
         if Hkv != H:  # GQA: query heads h*r .. h*r + r - 1 read key/value head h
-            k, v = (x.repeat_interleave(H // Hkv, dim=2) for x in (k, v))
+            v = v.repeat_interleave(H // Hkv, dim=2)
+            k = k.repeat_interleave(H // Hkv, dim=2) if k is not None else None
         if c.qk_norm:
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            q = F.normalize(q, dim=-1)
+            k = F.normalize(k, dim=-1) if k is not None else None
         v_in = v
         inputs: dict[str, Any] = {}
         for gate in self.gates:
@@ -310,14 +321,14 @@ class Mixer(nn.Module):
                              f"{tuple(x_t.shape)}")
         if not self.config.causal:
             _no_state()
-        y, state = self(x_t[:, None], state, form=self.memory.step_form)
+        y, state = self(x_t[:, None], state, form=self.memory.step_form(self))
         return y[:, 0], state
 
     def state_size(self, seq_len: int | None = None) -> int:
-        """Floats of recurrent state per sequence: the memory (a function of seq_len for KV
-        caches) plus the conv caches, as zoology counts it."""
-        grows = self.memory.floats(self, 1) != self.memory.floats(self, 0)
-        if grows and seq_len is None:
+        """Floats of recurrent state per sequence after seq_len tokens: the memory plus the conv
+        caches, as zoology counts it. A KV cache grows with seq_len (required then); TTT and
+        Titans add the up to b - 1 tokens since their last mini-batch boundary (0 if None)."""
+        if self.memory.grows(self) and seq_len is None:
             raise ValueError("seq_len: the state of this memory is a KV cache that grows with "
                              "the sequence; expected the sequence length, got None")
         convs = sum((m.kernel_size - 1) * m.channels

@@ -7,8 +7,10 @@ from ttr.ops.local import softmax_attention, softmax_attention_step
 from ttr.ops.local_linear import local_linear_attention
 from ttr.ops.mlstm import mlstm, mlstm_step
 from ttr.ops.momentum import momentum_delta_rule, momentum_delta_rule_step
+from ttr.ops.nonlinear import ttt, ttt_params
 from ttr.ops.rls import rls, rls_step
 from ttr.ops.rwkv6 import rwkv6, rwkv6_step
+from ttr.ops.titans import titans, titans_params
 
 __all__ = [
     "delta_rule", "delta_rule_step",
@@ -20,4 +22,6 @@ __all__ = [
     "rls", "rls_step",
     "rwkv6", "rwkv6_step",
     "softmax_attention", "softmax_attention_step",
+    "titans", "titans_params",
+    "ttt", "ttt_params",
 ]
