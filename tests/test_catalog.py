@@ -107,8 +107,9 @@ def delta_loop(q, k, v, beta, alpha=None, decay_l2=None):
         if alpha is not None:
             S = alpha[:, t, :, None, None] * S
         grad = kt[..., None] * (torch.einsum("bhk,bhkv->bhv", kt, S) - vt)[:, :, None]
-        if decay_l2 is not None:
-            grad = grad + decay_l2 * S
+        if decay_l2 is not None:  # a float or a per-token [B, T, H] L2 strength
+            lam = decay_l2 if isinstance(decay_l2, float) else decay_l2[:, t, :, None, None]
+            grad = grad + lam * S
         S = S - bt * grad
         out.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
     return torch.stack(out, 1)
@@ -436,6 +437,32 @@ def test_gradients_reach_every_parameter(name):
     for pname, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}.{pname}"
         assert p.grad.abs().sum() > 0, f"{name}.{pname} gets a zero gradient"
+
+
+@pytest.mark.parametrize("direction", ["leaky_to_gated", "gated_to_leaky"])
+def test_eq41_gated_deltanet_is_leaky_lms(direction):
+    """Eq. 37-41: leaky LMS (step beta, L2 lambda) = Gated DeltaNet with alpha = 1 - beta lambda,
+    eta = beta / alpha, v' = alpha v; and back: beta = alpha eta, lambda = (1 - alpha) / beta,
+    v = v' / alpha. Per-token lambda, so the map is exact in both directions."""
+    from ttr.ops import delta_rule
+
+    gen = torch.Generator().manual_seed(3)
+    q, k = (F.normalize(torch.randn(B, T, HEADS, 6, generator=gen, dtype=F64), dim=-1)
+            for _ in range(2))
+    v = torch.randn(B, T, HEADS, 5, generator=gen, dtype=F64)
+    u = torch.rand(2, B, T, HEADS, generator=gen, dtype=F64)
+    if direction == "leaky_to_gated":
+        beta, lam = 0.05 + 0.9 * u[0], 0.9 * u[1]
+        alpha = 1 - beta * lam
+        gated, _ = delta_rule(q, k, v * alpha[..., None], beta / alpha, alpha.log(),
+                              form="recurrent")
+        assert_close(gated, delta_loop(q, k, v, beta, decay_l2=lam), dtype=F64)
+    else:
+        alpha, eta = 0.5 + 0.5 * u[0], 0.05 + 0.9 * u[1]
+        gated, _ = delta_rule(q, k, v, eta, alpha.log())
+        beta = alpha * eta
+        leaky = delta_loop(q, k, v / alpha[..., None], beta, decay_l2=(1 - alpha) / beta)
+        assert_close(gated, leaky, dtype=F64)
 
 
 def test_get_rejects_unknown_names_and_overrides():

@@ -180,3 +180,19 @@ def test_op_forms_agree_across_chunks(recipe, forms):
         outs.append(whole)
     for form, out in zip(forms[1:], outs[1:], strict=True):
         assert_close(out, outs[0], what=f"{form} vs {forms[0]}")
+
+
+def test_gqa_shares_key_value_heads():
+    """n_kv_heads=1 with 2 query heads == 2 kv heads whose projections are copies."""
+    recipe = RECIPES[0].values[0]
+    gqa = make(recipe, MixerConfig(d_model=12, n_heads=2, n_kv_heads=1, conv_k=2), dtype=F64)
+    full = make(recipe, MixerConfig(d_model=12, n_heads=2, conv_k=2), dtype=F64)
+    with torch.no_grad():
+        for name in ("q_proj", "o_proj"):
+            getattr(full, name).weight.copy_(getattr(gqa, name).weight)
+        for name in ("k_proj", "v_proj"):
+            getattr(full, name).weight.copy_(getattr(gqa, name).weight.repeat(2, 1))
+        full.k_conv.weight.copy_(gqa.k_conv.weight.repeat(2, 1))
+    assert gqa.k_proj.out_features == 6 and full.k_proj.out_features == 12
+    x = inputs(dtype=F64)
+    assert_close(gqa(x)[0], full(x)[0], dtype=F64)

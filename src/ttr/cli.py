@@ -4,6 +4,7 @@
     ttr online-regression [--out DIR] [--seeds N] [--T N] [--d N] ...   (paper Section 5)
     ttr mqar [--out DIR] [--layer NAME]... [--pairs P]... [--seq-len T]... (paper Section 6)
     ttr bench [--op NAME]... [--form NAME]... [--T N]... [--dtype fp32|bf16]... [--out FILE]
+    ttr list [--d-model N] [--heads N] [--T N] [--family NAME] [--name NAME] [--csv]
 
 `main()` runs the typer app in non-standalone mode so that every user error -- an unknown
 option, a bad value, a configuration our dataclasses reject -- ends as one line on stderr,
@@ -36,7 +37,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-# Room for later commands (bench, list, train, sweep): add them with @app.command() below.
+# Room for later commands (train, sweep): add them with @app.command() below.
 
 
 class Dtype(str, Enum):
@@ -209,6 +210,39 @@ def bench(
         if path is not None:
             write(path)
             typer.echo(f"ttr: wrote {path}")
+
+
+@app.command("list", short_help="The catalogue: every named architecture as a recipe.")
+def list_(
+    d_model: Annotated[int, _opt("--d-model", metavar="N",
+                                 help="Model width for the state sizes.")] = 256,
+    heads: Annotated[int, _opt("--heads", metavar="N", help="Heads for the state sizes.")] = 4,
+    T: Annotated[int, _opt("--T", metavar="N",
+                           help="Sequence length for KV-cache state sizes.")] = 2048,
+    family: Annotated[str | None, _opt("--family", metavar="NAME",
+                                       help="Only this family (e.g. 'online SGD').")] = None,
+    name: Annotated[str | None, _opt("--name", metavar="NAME",
+                                     help="Show one entry in full: its docstring, options "
+                                          "and deviations from the original paper.")] = None,
+) -> None:
+    """Print the catalogue table: name, family, the three design choices (weights, function
+    class, optimizer), the op that computes it, the recurrent state size per sequence (floats,
+    at the given sizes) and the citation. Build one with
+    `ttr.catalog.get(NAME, d_model=..., n_heads=...)`."""
+    from ttr import catalog
+
+    if name is not None:
+        if name not in catalog.CATALOG:
+            raise ValueError(f"--name: expected a catalogue entry, one of {catalog.names()}, "
+                             f"got {name!r}")
+        e = catalog.CATALOG[name]
+        row = catalog.describe(name, d_model, heads, T)
+        typer.echo("\n".join(f"{k}: {v}" for k, v in row.items()))
+        typer.echo(f"options: {e.options}\nlayer defaults: {e.config}\n\n{e.doc}")
+        return
+    if family is not None and family not in catalog.FAMILIES:
+        raise ValueError(f"--family: expected one of {list(catalog.FAMILIES)}, got {family!r}")
+    typer.echo(catalog.table(d_model, heads, T, family=family))
 
 
 def _error(message: str, code: int) -> int:

@@ -118,9 +118,11 @@ def describe(name: str, d_model: int = 256, n_heads: int = 4, seq_len: int = 204
             "optimizer": opt, "op": op, "state size": size, "citation": e.citation}
 
 
-def table(d_model: int = 256, n_heads: int = 4, seq_len: int = 2048) -> str:
-    """The catalogue as a Markdown table (state sizes at the given sizes)."""
-    rows = [describe(n, d_model, n_heads, seq_len) for n in names()]
+def table(d_model: int = 256, n_heads: int = 4, seq_len: int = 2048,
+          family: str | None = None) -> str:
+    """The catalogue as a Markdown table (state sizes at the given sizes), one family or all."""
+    rows = [describe(n, d_model, n_heads, seq_len) for n in names()
+            if family is None or CATALOG[n].family == family]
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
