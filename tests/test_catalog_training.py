@@ -1,6 +1,11 @@
-"""Every catalogue entry learns: a 2-layer model built from it reaches above-chance accuracy on
-a small MQAR (zoology variant, T = 64, 8 pairs, 32 values) within a fixed budget. Slow: run
-with `pytest -m slow tests/test_catalog_training.py` (about N minutes on 2 cores)."""
+"""Every catalogue entry learns: a 2-layer model built from it reaches above-chance accuracy
+(3x chance) on a small MQAR (zoology variant, T = 64, 8 pairs, 32 values) within a fixed
+budget of 300 steps of 32 sequences. Slow: `pytest -m slow tests/test_catalog_training.py`,
+about 17 minutes on 2 cores (7 s for softmax attention to 160 s for local linear attention).
+
+Measured (seed 0, 2026-11-22): the online-SGD and exact entries reach 100% except TTT (12%)
+and Intention (12%, no short conv); Mamba-2 55%, QKNorm softmax 48%, local linear 43%,
+softmax 37%, the linear-attention family and the other decays 11-26% (chance 3.1%)."""
 
 from __future__ import annotations
 

@@ -52,10 +52,11 @@ def gla(config, *, normalizer: float = 16.0, rank: int = 16):
        output_norm="rms", output_gate="silu")
 def gateloop(config):
     """GateLoop (Katsch 2023, Eq. 3-5): data-controlled diagonal state transitions per key
-    dimension, a_t = sigmoid(W x + b). Deviation: GateLoop's transitions are complex
-    (magnitude and a data-controlled phase, a relative rotation); here only the real magnitude,
-    which is the regression weight of Eq. 14."""
-    return Built(_decayed("dim"), (SigmoidDecay(config.d_model, config.n_heads, config.dk),))
+    dimension, a_t = sigmoid(W x + b), resting values spread over (0.9, 0.999). Deviation:
+    GateLoop's transitions are complex (magnitude and a data-controlled phase, a relative
+    rotation); here only the real magnitude, which is the regression weight of Eq. 14."""
+    return Built(_decayed("dim"), (SigmoidDecay(config.d_model, config.n_heads, config.dk,
+                                                bias=(0.9, 0.999)),))
 
 
 @entry("hgrn2", "geometric decay",

@@ -26,6 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def resting_bias(layer: nn.Linear, bias: float | tuple[float, float]) -> None:
+    """Set a gate's bias: a constant, or logit of decays spread linearly over (lo, hi)."""
+    with torch.no_grad():
+        if isinstance(bias, tuple):
+            p = torch.linspace(*bias, layer.out_features, dtype=torch.float64)
+            layer.bias.copy_(torch.log(p / (1 - p)))
+        else:
+            layer.bias.fill_(bias)
+
+
 class FixedDecay(nn.Module):
     """RetNet (Sun et al. 2023, Eq. 8): a fixed decay per head, gamma_h = 1 - 2^(-5-h); the
     weights are geometric but data-independent, g [B, T, H] = log gamma_h."""
@@ -48,12 +58,14 @@ class SigmoidDecay(nn.Module):
 
     GLA (Yang et al. 2024, Eq. 9): per dimension, rank 16, normalizer 16 (so that the gates
     start close to 1). GateLoop (Katsch 2023): per dimension, full rank, normalizer 1.
-    MesaNet / mLSTM forget gates: per head. `bias` sets the resting value of the gate.
+    MesaNet / mLSTM forget gates: per head. `bias` sets the resting value of the gate: a float,
+    or a pair (lo, hi) of resting decays spread linearly over the gate's units (so that some
+    units remember for ~1/(1 - hi) tokens and others forget fast, as LRU's ring init does).
     """
 
     def __init__(self, d_model: int, n_heads: int, d_key: int | None = None, *,
-                 normalizer: float = 1.0, rank: int | None = None, bias: float = 0.0,
-                 name: str = "g"):
+                 normalizer: float = 1.0, rank: int | None = None,
+                 bias: float | tuple[float, float] = 0.0, name: str = "g"):
         super().__init__()
         out = n_heads * (d_key or 1)
         self.shape = (n_heads, d_key) if d_key else (n_heads,)
@@ -63,7 +75,7 @@ class SigmoidDecay(nn.Module):
         else:
             self.proj = nn.Sequential(nn.Linear(d_model, rank, bias=False), nn.Linear(rank, out))
         last = self.proj if rank is None else self.proj[1]
-        nn.init.constant_(last.bias, bias)
+        resting_bias(last, bias)
 
     def forward(self, x, q, k, v, inputs):
         g = F.logsigmoid(self.proj(x)) / self.normalizer  # [B, T, H * (Dk or 1)]
@@ -110,6 +122,8 @@ class ForgetGateKey(nn.Module):
             raise ValueError(f"lower_bound: expected a value in [0, 1), got {lower_bound!r}")
         self.lower_bound = lower_bound
         self.proj = nn.Linear(d_model, n_heads * d_key)
+        # resting forget gates spread over (0.9, 0.999) of the range above the lower bound
+        resting_bias(self.proj, (0.9, 0.999))
 
     def forward(self, x, q, k, v, inputs):
         lb = self.lower_bound
