@@ -11,3 +11,13 @@ from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights, run
 
 __all__ = ["FunctionClass", "Optimizer", "Recipe", "Weights", "ops", "reference", "run"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # ttr.hf imports transformers (seconds), so it loads on first use, not with `import ttr`;
+    # importing it registers model_type "ttr" with the transformers Auto classes.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("ttr.hf")
+    raise AttributeError(f"module 'ttr' has no attribute {name!r}")
