@@ -245,6 +245,81 @@ def list_(
     typer.echo(catalog.table(d_model, heads, T, family=family))
 
 
+@app.command(short_help="Train a byte-level LM on text (default: the Python stdlib).")
+def train(
+    out: Annotated[Path, _opt("--out", "-o", metavar="DIR",
+                              help="Directory for log.csv and the checkpoint.")
+                   ] = Path("runs/train"),
+    resume: Annotated[bool, _opt(
+        "--resume", help="Continue from DIR/checkpoint.pt (start afresh if there is none); "
+                         "the model and trajectory options must match.")] = False,
+    data: Annotated[Path | None, _opt(
+        "--data", metavar="PATH",
+        help="A text file or a directory of *.txt, *.py, *.md [default: the Python standard "
+             "library's .py files].")] = None,
+    max_bytes: Annotated[int | None, _opt("--max-bytes", metavar="N",
+                                          help="Cap on the corpus size [default: 16 MiB].")
+                         ] = None,
+    pattern: Annotated[list[str] | None, _opt(
+        "--pattern", metavar="NAME",
+        help="Catalogue entry per layer (repeatable; one name = all layers) "
+             "[default: gated_deltanet].")] = None,
+    d_model: Annotated[int | None, _opt("--d-model", metavar="N",
+                                        help="Model width [default: 128].")] = None,
+    n_layers: Annotated[int | None, _opt("--n-layers", metavar="N",
+                                         help="Layers [default: 4].")] = None,
+    n_heads: Annotated[int | None, _opt("--n-heads", metavar="N",
+                                        help="Heads per mixer [default: 4].")] = None,
+    steps: Annotated[int | None, _opt("--steps", metavar="N",
+                                      help="Optimizer steps [default: 1000].")] = None,
+    batch_size: Annotated[int | None, _opt(
+        "--batch-size", metavar="N", help="Global batch, split over ranks [default: 16].")
+                          ] = None,
+    seq_len: Annotated[int | None, _opt("--seq-len", metavar="T",
+                                        help="Bytes per sequence [default: 256].")] = None,
+    lr: Annotated[float | None, _opt("--lr", metavar="LR",
+                                     help="Peak learning rate [default: 3e-3].")] = None,
+    warmup: Annotated[int | None, _opt("--warmup", metavar="N",
+                                       help="Linear warmup steps [default: 100].")] = None,
+    weight_decay: Annotated[float | None, _opt(
+        "--weight-decay", metavar="FLOAT", help="AdamW decay of matrices [default: 0.1].")
+                            ] = None,
+    grad_clip: Annotated[float | None, _opt(
+        "--grad-clip", metavar="FLOAT", help="Max gradient norm, 0 = off [default: 1.0].")
+                         ] = None,
+    eval_every: Annotated[int | None, _opt(
+        "--eval-every", metavar="N", help="Validation every N steps [default: 100].")] = None,
+    eval_batches: Annotated[int | None, _opt(
+        "--eval-batches", metavar="N", help="Validation batches [default: 8].")] = None,
+    ckpt_every: Annotated[int | None, _opt(
+        "--ckpt-every", metavar="N", help="Checkpoint every N steps [default: 200].")] = None,
+    bf16: Annotated[bool, _opt("--bf16", help="Autocast to bfloat16.")] = False,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+) -> None:
+    """Train a byte-level causal LM with AdamW and a warmup + cosine schedule; log.csv gets
+    the train loss every step and the validation loss and bits per byte every --eval-every.
+    SIGINT / SIGTERM checkpoint and exit 0; --resume continues bit-identically on CPU. Under
+    `torchrun --nproc_per_node=N -m ttr.train ...` it trains data-parallel."""
+    from ttr import train as t
+
+    model = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                 pattern=tuple(pattern) if pattern else None)
+    given = dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
+                 weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
+                 eval_batches=eval_batches, ckpt_every=ckpt_every, max_bytes=max_bytes)
+    config = t.TrainConfig(
+        model={k: v for k, v in model.items() if v is not None}, out_dir=str(out), seed=seed,
+        bf16=bf16, data=None if data is None else str(data),
+        **{k: v for k, v in given.items() if v is not None})
+    result = t.run(config, resume=resume, progress=not quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"ttr: step {result['step']}/{config.steps}, train loss "
+                   f"{result['train_loss']:.4f}, val bpb {result['val_bpb']:.4f}"
+                   f"{' (stopped by signal; checkpointed)' if result['stopped'] else ''}; "
+                   f"wrote {out / 'log.csv'}")
+
+
 def _error(message: str, code: int) -> int:
     print(f"ttr: error: {' '.join(str(message).split())}", file=sys.stderr)
     return code
