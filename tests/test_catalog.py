@@ -269,6 +269,24 @@ def _softmax_qknorm(m, x, q, k, v):
     return softmax_loop(lambda t: -((k[:, :t + 1] - c * q[:, t:t + 1]) ** 2).sum(-1) / bw, v)
 
 
+def _kernel_regression(m, x, q, k, v):
+    """Eq. 43 per prefix: o_t = V^T (k(K, K) + I)^-1 k(K, q_t), k(a, b) = exp(a.b / sqrt D)."""
+    s, out = 1 / math.sqrt(q.shape[-1]), []
+    for t in range(q.shape[1]):
+        K, V = k[:, :t + 1].transpose(1, 2), v[:, :t + 1].transpose(1, 2)  # [B, H, t+1, D]
+        gram = torch.exp(s * K @ K.mT) + torch.eye(t + 1, dtype=F64)
+        kq = torch.exp(s * K @ q[:, t, :, :, None])  # [B, H, t+1, 1]
+        out.append((V.mT @ torch.linalg.solve(gram, kq))[..., 0])
+    return torch.stack(out, 1)
+
+
+def _unnormalized_softmax(m, x, q, k, v):
+    """Eq. 47: o_t = sum_{i<=t} exp(q_t.k_i / sqrt D) v_i."""
+    s = 1 / math.sqrt(q.shape[-1])
+    return torch.stack([(torch.exp(s * (k[:, :t + 1] * q[:, t:t + 1]).sum(-1))[..., None]
+                         * v[:, :t + 1]).sum(1) for t in range(q.shape[1])], 1)
+
+
 def _local_linear(m, x, q, k, v):
     recipe = Recipe(Weights.local(), FunctionClass.local_polynomial(1), Optimizer.exact(0.1))
     return solve(recipe, q, k, v)  # the float64 oracle: weighted least squares per query
@@ -347,6 +365,7 @@ PUBLISHED = {
     "intention": _mesa, "mesanet": _mesanet, "softmax_attention": _softmax,
     "softmax_qknorm": _softmax_qknorm, "local_linear": _local_linear,
     "ttt_linear": _ttt, "ttt_mlp": _ttt, "titans": _titans,
+    "kernel_regression": _kernel_regression, "unnormalized_softmax": _unnormalized_softmax,
 }
 # RFA's random Fourier features are not positive: the layer RMS-normalizes instead (Eq. 13
 # does not apply), so its memory is compared unnormalized.
@@ -411,7 +430,7 @@ def test_state_size_counts_the_carried_state(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_non_causal_reads_the_whole_sequence(name):
     causal = make(name)
-    if causal.memory.read is None:
+    if not causal.supports_non_causal:
         with pytest.raises(ValueError, match="causal"):
             make(name, causal=False)
         return

@@ -58,6 +58,12 @@ RECIPES = [
     _p(Weights.local(1.5), FunctionClass.local_polynomial(0), Optimizer.exact(), "local0-bw1.5"),
     # Local linear regression (p = 1, Eq. 52-54), ridge on the slope.
     _p(Weights.local(), FunctionClass.local_polynomial(1), Optimizer.exact(0.1), "local1-ridge"),
+    _p(Weights.local(), FunctionClass.local_polynomial(2), Optimizer.exact(0.1), "local2-ridge"),
+    # Kernel regression (Eq. 43) and its one-GD-step approximation (Eq. 45-47).
+    _p(U, FunctionClass.kernel_class("exp"), Optimizer.exact(0.5), "kernel-exp", "weight"),
+    _p(U, FunctionClass.kernel_class("rbf"), Optimizer.exact(0.5), "kernel-rbf"),
+    _p(U, FunctionClass.kernel_class("polynomial", 2), Optimizer.exact(0.5), "kernel-poly2"),
+    _p(U, FunctionClass.kernel_class("exp"), Optimizer.gd(lr=0.5), "kernel-exp-gd"),
 ]
 
 SIZES = [  # (B, T, H, Dk, Dv)
@@ -73,7 +79,8 @@ DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id=
 FORMS = {op: importlib.import_module(f"ttr.ops.{module}").FORMS for op, module in (
     ("linear_attention", "linear"), ("rls", "rls"), ("delta_rule", "delta"),
     ("delta_product", "delta_product"), ("softmax_attention", "local"),
-    ("local_linear_attention", "local_linear"))}
+    ("local_linear_attention", "local_linear"), ("kernel_regression", "kernel"))}
+FORMS["local_polynomial_attention"] = (None,)  # one form
 # Only the recurrent form of the momentum op is exact online SGD; its chunk forms are Titans'
 # chunk-start approximation (tested against their own spec in test_momentum.py).
 FORMS["momentum_delta_rule"] = ("recurrent",)
@@ -129,6 +136,8 @@ def _cases():
 @pytest.mark.parametrize("recipe, beta_kind, form", list(_cases()))
 def test_run_matches_reference(recipe, beta_kind, form, size, dtype):
     assert recipe.op is not None
+    if recipe.op == "local_polynomial_attention" and size[3] > 8:
+        pytest.skip("degree-2 monomials of D=60 are 1891 columns per query: minutes, no news")
     q, k, v, kw = make_inputs(recipe, beta_kind, size, dtype)
     want = expected((repr(recipe), beta_kind, size), recipe, q, k, v, kw)
     out, state = ttr.run(recipe, q, k, v, form=form, **kw)

@@ -192,9 +192,9 @@ OP_TABLE = [
     (Weights.local(3.0), FunctionClass.local_polynomial(0), Optimizer.exact(), "softmax_attention"),
     (L, FunctionClass.local_polynomial(1), Optimizer.exact(), "local_linear_attention"),
     (L, FunctionClass.local_polynomial(1), Optimizer.exact(0.1), "local_linear_attention"),
-    (L, FunctionClass.local_polynomial(2), Optimizer.exact(), None),
-    (U, FunctionClass.kernel_class("exp"), Optimizer.exact(), None),
-    (U, FunctionClass.kernel_class("exp"), Optimizer.gd(), None),
+    (L, FunctionClass.local_polynomial(2), Optimizer.exact(), "local_polynomial_attention"),
+    (U, FunctionClass.kernel_class("exp"), Optimizer.exact(), "kernel_regression"),
+    (U, FunctionClass.kernel_class("exp"), Optimizer.gd(), "kernel_regression"),
 ]
 
 

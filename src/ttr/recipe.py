@@ -264,9 +264,10 @@ class Recipe:
         if f.kind == "mlp":
             return None  # the layer's own memory (ttr.nn.memory: "ttt", "titans")
         if f.kind == "local_polynomial":
-            return {0: "softmax_attention", 1: "local_linear_attention"}.get(f.degree)
+            return {0: "softmax_attention", 1: "local_linear_attention"}.get(
+                f.degree, "local_polynomial_attention")
         if f.kind == "kernel":
-            return None
+            return "kernel_regression"
         if o.kind == "gd":
             return "linear_attention" if o.steps == 1 else None
         if o.kind == "exact":
@@ -337,8 +338,21 @@ def run(recipe: Recipe, q, k, v, *, g=None, beta=None, initial_state=None,
         return ops.local_linear_attention(q, k, v, bandwidth=bw, ridge=o.ridge, causal=causal,
                                           **kw)
     if not causal:
-        raise ValueError(f"causal: the {name} op computes causal memories only; the non-causal "
-                         "read of a parametric memory is its final state (ttr.nn.Mixer)")
+        raise ValueError(f"causal: the {name} op computes causal memories only (the non-causal "
+                         "read of a parametric memory is its final state: ttr.nn.Mixer)")
+    if name == "local_polynomial_attention":
+        _no("beta", beta, "local polynomial regression")
+        bw = recipe.weights.bandwidth
+        return ops.local_polynomial_attention(
+            q, k, v, degree=recipe.function_class.degree, ridge=o.ridge,
+            bandwidth=bw if bw is not None else 2.0 * q.shape[-1] ** 0.5, **_one_form(kw))
+    if name == "kernel_regression":
+        f = recipe.function_class
+        exact = o.kind == "exact"
+        out, state = ops.kernel_regression(q, k, v, beta, kernel=f.kernel, degree=f.degree,
+                                           ridge=o.ridge if exact else None,
+                                           solver="exact" if exact else "gd", **kw)
+        return (out * o.lr if o.lr != 1.0 else out), state
     q, k = feature_map(recipe, q), feature_map(recipe, k)
     if name == "linear_attention":
         _no("beta", beta, "one-step gradient descent")
@@ -397,6 +411,12 @@ def sgd_gates(recipe: Recipe, k: torch.Tensor, beta, g):
                          f"{alpha.min().item():.4g}")
     la = torch.log(alpha)
     return step / alpha, (la if g is None else g + la), alpha
+
+
+def _one_form(kw: dict) -> dict:
+    if "form" in kw:
+        raise ValueError(f"form: local_polynomial_attention has one form, got {kw['form']!r}")
+    return kw
 
 
 def _no(name: str, x, why: str) -> None:

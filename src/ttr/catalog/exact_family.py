@@ -49,6 +49,33 @@ def intention(config, *, ridge: float = 1.0):
     return Built(Recipe(Weights.uniform(), LIN, Optimizer.exact(ridge)))
 
 
+@entry("kernel_regression", "nonparametric",
+       "Wang, Shi & Fox 2025, Test-time regression (Eq. 42-44); kernel ridge regression",
+       output_norm="rms")
+def kernel_regression(config, *, ridge: float = 1.0, kernel: str = "exp"):
+    """Exact causal kernel ridge regression (paper Eq. 43): o_t = V^T (k(K,K) + lambda I)^-1
+    k(K, q_t) over the prefix, kernel exp(k.k'/sqrt Dk) by default, blocked Cholesky
+    (ttr.ops.kernel_regression); the state is the KV cache and the work O(T^3) per sequence.
+    The output is RMS-normalized per head (not part of the regression) so that deep stacks
+    stay well scaled. Non-causal mode not yet."""
+    recipe = Recipe(Weights.uniform(), FunctionClass.kernel_class(kernel), Optimizer.exact(ridge))
+    return Built(recipe)
+
+
+@entry("unnormalized_softmax", "nonparametric",
+       "Wang, Shi & Fox 2025, Test-time regression (Eq. 45-47, the crude approximation "
+       "k(K, K) ~ I)",
+       output_norm="rms")
+def unnormalized_softmax(config):
+    """Unnormalized softmax attention (paper Eq. 45-47): one GD step from zero in the exp
+    kernel's feature space, o_t = sum_{i<=t} exp(q_t.k_i / sqrt Dk) v_i, i.e. kernel regression
+    with k(K, K) replaced by I. Without the softmax denominator the output scale grows with t
+    and with the logits; the per-head RMSNorm (the paper's Eq. 13 remedy) makes it trainable,
+    and the logits must stay below ~88 in float32 (ttr.ops.kernel_regression)."""
+    recipe = Recipe(Weights.uniform(), FunctionClass.kernel_class("exp"), Optimizer.gd())
+    return Built(recipe)
+
+
 @entry("softmax_attention", "nonparametric",
        "Vaswani et al. 2017, Attention Is All You Need (NeurIPS)")
 def softmax_attention(config):

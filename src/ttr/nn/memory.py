@@ -56,9 +56,12 @@ def _heads(m) -> tuple[int, int, int]:
 
 # -- recipes: the ops ttr.recipe.run dispatches to ---------------------------------------------
 
+NO_NON_CAUSAL = ("kernel_regression", "local_polynomial_attention")  # not yet
+
+
 def _read_recipe(m, q, k, v, inputs):
     name = m.recipe.op
-    if name in ("softmax_attention", "local_linear_attention", "kernel_regression"):
+    if name in ("softmax_attention", "local_linear_attention"):
         o, _ = _run_recipe(m, q, k, v, inputs, None, False, None, causal=False)
         return o
     _, s = _run_recipe(m, q, k, v, inputs, None, True, None)  # m_T: the whole sequence
@@ -81,8 +84,9 @@ def _recipe_floats(m, T):
 
 @memory("recipe", read=_read_recipe, floats=_recipe_floats,
         grows=lambda m: m.recipe.op in ("softmax_attention", "local_linear_attention",
-                                        "kernel_regression"),
-        step_form=lambda m: {"local_linear_attention": "naive"}.get(m.recipe.op, "recurrent"))
+                                        "kernel_regression", "local_polynomial_attention"),
+        step_form=lambda m: {"local_linear_attention": "naive",
+                             "local_polynomial_attention": None}.get(m.recipe.op, "recurrent"))
 def _run_recipe(m, q, k, v, inputs, state, output_state, form, causal=True):
     # The layer has already applied the feature map, so the op sees a plain linear class.
     recipe = m.recipe

@@ -34,7 +34,7 @@ from torch import nn
 from ttr.nn.conv import ShortConv
 from ttr.nn.feature_map import FeatureMap
 from ttr.nn.gates import SigmoidDecay, StepSize
-from ttr.nn.memory import MEMORIES
+from ttr.nn.memory import MEMORIES, NO_NON_CAUSAL
 from ttr.recipe import Recipe
 
 NORMS = (None, "rms", "layer")
@@ -183,9 +183,12 @@ class Mixer(nn.Module):
             raise ValueError(f"recipe: no op in ttr.ops computes {recipe} yet")
         self.recipe, self.config, self.memory_name = recipe, config, memory
         self.memory = MEMORIES[memory]
-        if not config.causal and self.memory.read is None:
-            raise ValueError(f"MixerConfig.causal: the {memory!r} memory has no non-causal "
-                             "form (its output at t depends on the token at t itself)")
+        self.supports_non_causal = self.memory.read is not None and not (
+            memory == "recipe" and recipe.op in NO_NON_CAUSAL)
+        if not config.causal and not self.supports_non_causal:
+            raise ValueError(f"MixerConfig.causal: the {memory!r} memory ({recipe.op}) has no "
+                             "non-causal form (RWKV-6: its output at t weights the token at t "
+                             "itself; kernel and local-polynomial ops: not yet)")
         c, H, Hkv, n, Dk, Dv = (config, config.n_heads, config.kv_heads, config.keys_per_token,
                                 config.dk, config.dv)
         gates = default_gates(recipe, c) if gates is None else gates

@@ -2,9 +2,11 @@
 
 from ttr.ops.delta import delta_rule, delta_rule_step
 from ttr.ops.delta_product import delta_product, delta_product_step
+from ttr.ops.kernel import kernel_regression
 from ttr.ops.linear import linear_attention, linear_attention_step
 from ttr.ops.local import softmax_attention, softmax_attention_step
 from ttr.ops.local_linear import local_linear_attention
+from ttr.ops.local_poly import local_polynomial_attention
 from ttr.ops.mlstm import mlstm, mlstm_step
 from ttr.ops.momentum import momentum_delta_rule, momentum_delta_rule_step
 from ttr.ops.nonlinear import ttt, ttt_params
@@ -15,8 +17,10 @@ from ttr.ops.titans import titans, titans_params
 __all__ = [
     "delta_rule", "delta_rule_step",
     "delta_product", "delta_product_step",
+    "kernel_regression",
     "linear_attention", "linear_attention_step",
     "local_linear_attention",
+    "local_polynomial_attention",
     "mlstm", "mlstm_step",
     "momentum_delta_rule", "momentum_delta_rule_step",
     "rls", "rls_step",
