@@ -99,10 +99,9 @@ from ttr.ops.common import (
     check_like,
     check_qkv,
     check_state,
-    varlen,
 )
 from ttr.ops.linear import compute_dtype
-from ttr.ops.local import _check_cache
+from ttr.ops.local import _check_cache, split_caches, varlen_caches
 
 KERNELS = ("exp", "rbf", "polynomial")
 SOLVERS = ("exact", "gd")
@@ -135,16 +134,11 @@ def kernel_regression(q, k, v, beta=None, *, kernel="exp", degree=None, ridge=No
         _check_kv_cache("initial_state", initial_state, B, H, Dk, Dv, q)
         return _attend(q, k, v, beta, initial_state, output_final_state, *args)
 
-    caches = _split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
-    finals = []  # caches differ in length, so they are collected here, not stacked by varlen
-
-    def run(q, k, v, beta, initial_state, output_final_state):
-        o, s = _attend(q, k, v, beta, caches[len(finals)], True, *args)
-        finals.append(s)
-        return o, None
-
-    o, _ = varlen(run, cu_seqlens, {"q": q, "k": k, "v": v, "beta": beta}, None, False)
-    return o, (finals if output_final_state else None)
+    caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q,
+                          check=_check_kv_cache)
+    return varlen_caches(lambda cache, q, k, v, beta: _attend(q, k, v, beta, cache, True, *args),
+                         cu_seqlens, {"q": q, "k": k, "v": v, "beta": beta}, caches,
+                         output_final_state)
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -199,20 +193,6 @@ def _check_kv_cache(name, s, B, H, Dk, Dv, ref) -> None:
         Tc = s[0].shape[1]
         check_state(f"{name}[2] (beta)", s[2], (B, Tc, H), "[B, Tc, H]", ref)
         _check_nonnegative(f"{name}[2] (beta)", s[2])
-
-
-def _split_caches(initial_state, N, H, Dk, Dv, q) -> list:
-    """One cache per packed sequence from a list of N caches or a cache with leading dim N."""
-    if isinstance(initial_state, list):
-        if len(initial_state) != N:
-            raise ValueError(f"initial_state: expected a list of N={N} caches (one per packed "
-                             f"sequence), got {len(initial_state)}")
-        for i, s in enumerate(initial_state):
-            _check_kv_cache(f"initial_state[{i}]", s, 1, H, Dk, Dv, q)
-        return initial_state
-    _check_kv_cache("initial_state", initial_state, N, H, Dk, Dv, q)
-    return [None if initial_state is None else tuple(x[i:i + 1] for x in initial_state)
-            for i in range(N)]
 
 
 # -- the call: cache, layout, dtype ----------------------------------------------------------

@@ -68,17 +68,9 @@ def softmax_attention(q, k, v, *, scale=None, bandwidth=None, initial_state=None
                        causal)
 
     caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
-    # varlen stacks final states on a leading dim, which caches of different lengths cannot
-    # share, so each sequence's cache is collected here and varlen only re-packs the outputs.
-    finals = []
-
-    def run(q, k, v, initial_state, output_final_state):
-        o, s = _attend(q, k, v, scale, bandwidth, caches[len(finals)], True, form, causal)
-        finals.append(s)
-        return o, None
-
-    o, _ = varlen(run, cu_seqlens, {"q": q, "k": k, "v": v}, None, False)
-    return o, (finals if output_final_state else None)
+    return varlen_caches(
+        lambda cache, q, k, v: _attend(q, k, v, scale, bandwidth, cache, True, form, causal),
+        cu_seqlens, {"q": q, "k": k, "v": v}, caches, output_final_state)
 
 
 def softmax_attention_step(q_t, k_t, v_t, state=None, *, scale=None, bandwidth=None):
@@ -112,17 +104,34 @@ def _check_similarity(scale, bandwidth) -> None:
                              f", got {x!r}")
 
 
-def split_caches(initial_state, N, H, Dk, Dv, q) -> list:
-    """Packed KV caches, one per sequence: a list of N (K, V) pairs (their lengths may differ)
-    or one pair with a leading N dimension; validated and returned as a list of N pairs."""
+def varlen_caches(attend, cu_seqlens, tensors: dict, caches: list, output_final_state: bool):
+    """Packed sequences for a KV-cache op: `attend(cache_i, **tensors_i) -> (o_i, cache_i')`.
+    varlen stacks final states on a leading dim, which caches of different lengths cannot
+    share, so each sequence's cache is collected here and varlen only re-packs the outputs."""
+    finals = []
+
+    def run(initial_state, output_final_state, **piece):
+        o, s = attend(caches[len(finals)], **piece)
+        finals.append(s)
+        return o, None
+
+    o, _ = varlen(run, cu_seqlens, tensors, None, False)
+    return o, (finals if output_final_state else None)
+
+
+def split_caches(initial_state, N, H, Dk, Dv, q, check=None) -> list:
+    """Packed KV caches, one per sequence: a list of N caches (their lengths may differ) or one
+    cache with a leading N dimension; validated (`check`, default a (K, V) pair) and returned as
+    a list of N caches."""
+    check = check or _check_cache
     if isinstance(initial_state, list):
         if len(initial_state) != N:
             raise ValueError(f"initial_state: expected a list of N={N} caches (one per packed "
                              f"sequence), got {len(initial_state)}")
         for i, s in enumerate(initial_state):
-            _check_cache(f"initial_state[{i}]", s, 1, H, Dk, Dv, q)
+            check(f"initial_state[{i}]", s, 1, H, Dk, Dv, q)
         return initial_state
-    _check_cache("initial_state", initial_state, N, H, Dk, Dv, q)
+    check("initial_state", initial_state, N, H, Dk, Dv, q)
     return [None if initial_state is None else tuple(x[i:i + 1] for x in initial_state)
             for i in range(N)]
 

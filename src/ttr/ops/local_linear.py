@@ -49,9 +49,9 @@ import math
 
 import torch
 
-from ttr.ops.common import check_causal, check_cu_seqlens, check_form, check_qkv, varlen
+from ttr.ops.common import check_causal, check_cu_seqlens, check_form, check_qkv
 from ttr.ops.linear import compute_dtype
-from ttr.ops.local import _check_cache, split_caches
+from ttr.ops.local import _check_cache, split_caches, varlen_caches
 
 FORMS = ("naive", "blocked")
 PINV_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -71,8 +71,8 @@ def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_causal(causal)
-    _check_number("bandwidth", bandwidth, allow_zero=False, allow_none=True)
-    _check_number("ridge", ridge, allow_zero=True, allow_none=False)
+    check_number("bandwidth", bandwidth, allow_zero=False, allow_none=True)
+    check_number("ridge", ridge, allow_zero=True, allow_none=False)
     check_form(form, FORMS)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
@@ -84,18 +84,11 @@ def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=
         return _attend(q, k, v, initial_state, output_final_state, *args)
 
     caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
-    finals = []  # caches differ in length, so they are collected here, not stacked by varlen
-
-    def run(q, k, v, initial_state, output_final_state):
-        o, s = _attend(q, k, v, caches[len(finals)], True, *args)
-        finals.append(s)
-        return o, None
-
-    o, _ = varlen(run, cu_seqlens, {"q": q, "k": k, "v": v}, None, False)
-    return o, (finals if output_final_state else None)
+    return varlen_caches(lambda cache, q, k, v: _attend(q, k, v, cache, True, *args),
+                         cu_seqlens, {"q": q, "k": k, "v": v}, caches, output_final_state)
 
 
-def _check_number(name, x, *, allow_zero, allow_none) -> None:
+def check_number(name, x, *, allow_zero, allow_none) -> None:
     if x is None and allow_none:
         return
     if isinstance(x, bool) or not isinstance(x, (int, float)):

@@ -43,9 +43,10 @@ import math
 
 import torch
 
-from ttr.ops.common import check_cu_seqlens, check_qkv, varlen
+from ttr.ops.common import check_cu_seqlens, check_qkv
 from ttr.ops.linear import compute_dtype
-from ttr.ops.local import _check_cache, split_caches
+from ttr.ops.local import _check_cache, split_caches, varlen_caches
+from ttr.ops.local_linear import check_number
 
 QUERY_BLOCK = 64
 
@@ -63,8 +64,8 @@ def local_polynomial_attention(q, k, v, *, degree, bandwidth=None, ridge=0.0, in
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
         raise ValueError(f"degree: expected an int >= 0, got {degree!r}")
-    _check_number("bandwidth", bandwidth, allow_zero=False, allow_none=True)
-    _check_number("ridge", ridge, allow_zero=True, allow_none=False)
+    check_number("bandwidth", bandwidth, allow_zero=False, allow_none=True)
+    check_number("ridge", ridge, allow_zero=True, allow_none=False)
     check_cu_seqlens(cu_seqlens, q)
     bw = float(bandwidth) if bandwidth is not None else 2.0 * math.sqrt(Dk)
     args = (degree, bw, float(ridge))
@@ -73,25 +74,8 @@ def local_polynomial_attention(q, k, v, *, degree, bandwidth=None, ridge=0.0, in
         return _attend(q, k, v, initial_state, output_final_state, *args)
 
     caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
-    finals = []  # caches differ in length, so they are collected here, not stacked by varlen
-
-    def run(q, k, v, initial_state, output_final_state):
-        o, s = _attend(q, k, v, caches[len(finals)], True, *args)
-        finals.append(s)
-        return o, None
-
-    o, _ = varlen(run, cu_seqlens, {"q": q, "k": k, "v": v}, None, False)
-    return o, (finals if output_final_state else None)
-
-
-def _check_number(name, x, *, allow_zero, allow_none) -> None:
-    if x is None and allow_none:
-        return
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(x).__name__} {x!r}")
-    if not math.isfinite(x) or x < 0 or (x == 0 and not allow_zero):
-        raise ValueError(f"{name}: expected a finite value {'>= 0' if allow_zero else '> 0'}, "
-                         f"got {x!r}")
+    return varlen_caches(lambda cache, q, k, v: _attend(q, k, v, cache, True, *args),
+                         cu_seqlens, {"q": q, "k": k, "v": v}, caches, output_final_state)
 
 
 def _attend(q, k, v, cache, output_final_state, degree, bw, ridge):
