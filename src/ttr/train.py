@@ -44,7 +44,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ttr.configs import from_dict
 from ttr.nn.lm import LM, LMConfig
 from ttr.tasks.text import VOCAB_SIZE, load_text, sample_windows
 
@@ -114,12 +115,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown keys {unknown}; expected some of "
-                             f"{sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 def lr_factor(step: int, warmup: int, steps: int) -> float:

@@ -15,13 +15,14 @@ Plain nn.Module; the transformers wrapper (ttr.hf) and the training loop (ttr.tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttr.configs import from_dict
 from ttr.nn.mixer import MixerState
 
 
@@ -74,11 +75,7 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"LMConfig: unknown keys {unknown}; expected some of {sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 class GatedMLP(nn.Module):

@@ -24,13 +24,14 @@ over the whole, and `step` decodes one token at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttr.configs import from_dict
 from ttr.nn.conv import ShortConv
 from ttr.nn.feature_map import FeatureMap
 from ttr.nn.gates import SigmoidDecay, StepSize
@@ -115,12 +116,7 @@ class MixerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MixerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"MixerConfig: unknown keys {unknown}; expected some of "
-                             f"{sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d)
 
     @property
     def dk(self) -> int:
