@@ -196,3 +196,13 @@ def test_generate_feeds_one_token_per_step():
     with torch.no_grad():
         model.generate(torch.randint(0, 32, (2, 7)), max_new_tokens=5, do_sample=False)
     assert seen == [(2, 7)] + [(2,)] * 4  # the prefill, then LM.step on the new token only
+
+
+def test_cli_bench_generate_writes_a_table(tmp_path):
+    from ttr.cli import main
+
+    out = tmp_path / "gen.md"
+    assert main(["bench-generate", "--pattern", "gated_deltanet,softmax_attention",
+                 "--new-tokens", "3", "--prompt-len", "2", "--d-model", "16", "--n-layers",
+                 "2", "--out", str(out)]) == 0
+    assert "| gated_deltanet+softmax_attention |" in out.read_text()

@@ -211,3 +211,17 @@ def test_cli_train(tmp_path, capsys):
     assert "incompatible: steps=2 there, 3 here" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "x"), "--pattern", "nope"]) == 1
     assert "LMConfig.pattern" in capsys.readouterr().err
+
+
+def test_compare_runs_table_and_curves(tmp_path, reference, capsys):
+    out_dir, result = reference
+    other = tmp_path / "other"
+    run(config(other, model={**TINY["model"], "pattern": ("mesa",)}), progress=False)
+    report = tmp_path / "report"
+    assert main(["compare-runs", str(out_dir), str(other), "--out", str(report)]) == 0
+    text = (report / "lm.md").read_text()
+    assert "| gated_deltanet |" in text and "| mesa |" in text
+    assert f"{result['val_bpb']:.3f}" in text  # the reference run's final validation bpb
+    assert (report / "lm_curves.png").stat().st_size > 0
+    assert main(["compare-runs", str(tmp_path / "nothing"), "--out", str(report)]) == 1
+    assert "RUN_DIR" in capsys.readouterr().err

@@ -5,6 +5,11 @@
     ttr mqar [--out DIR] [--layer NAME]... [--pairs P]... [--seq-len T]... (paper Section 6)
     ttr bench [--op NAME]... [--form NAME]... [--T N]... [--dtype fp32|bf16]... [--out FILE]
     ttr list [--d-model N] [--heads N] [--T N] [--family NAME] [--name NAME] [--csv]
+    ttr sweep EXPERIMENT [--quick] [--out DIR] [--workers N] [--dry-run]   (resumable)
+    ttr report RESULTS_DIR                                  (leaderboard.md + plots)
+    ttr train [--out DIR] [--resume] [--pattern NAME]... [--steps N] ...
+    ttr compare-runs RUN_DIR... [--out DIR]                 (table + curves of train runs)
+    ttr bench-generate [--pattern NAMES]... [--new-tokens N] [--out FILE]
 
 `main()` runs the typer app in non-standalone mode so that every user error -- an unknown
 option, a bad value, a configuration our dataclasses reject -- ends as one line on stderr,
@@ -37,7 +42,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-# Room for later commands (train, sweep): add them with @app.command() below.
 
 
 class Dtype(str, Enum):
@@ -210,6 +214,120 @@ def bench(
         if path is not None:
             write(path)
             typer.echo(f"ttr: wrote {path}")
+
+
+@app.command(short_help="Run an experiment's configs in parallel workers, resumably.")
+def sweep(
+    experiment: Annotated[str, typer.Argument(
+        metavar="EXPERIMENT",
+        help="mqar_catalogue, online_regression_catalogue, fig2, fig3, or a .py file that "
+             "defines runs(quick) -> list[dict].")],
+    out: Annotated[Path | None, _opt("--out", "-o", metavar="DIR",
+                                     help="Results directory [default: results/sweeps/"
+                                          "EXPERIMENT-quick|full].")] = None,
+    quick: Annotated[bool, _opt("--quick", help="The experiment's small configuration.")
+                     ] = False,
+    workers: Annotated[int | None, _opt("--workers", "-j", metavar="N",
+                                        help="Worker processes [default: one per core].")
+                       ] = None,
+    dry_run: Annotated[bool, _opt("--dry-run", help="Validate and list the runs; run none.")
+                       ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run every config of EXPERIMENT, one seeded run per worker at a time. Each finished run
+    is written atomically to DIR/runs/ and skipped when the sweep is run again, so a killed
+    sweep loses only the runs in flight. Then `ttr report DIR`."""
+    from ttr import sweep as s
+
+    if workers is not None and workers < 1:
+        raise typer.BadParameter(f"expected >= 1, got {workers}", param_hint="--workers")
+    exp = s.get_experiment(experiment)
+    mode = "quick" if quick else "full"
+    out = out or Path("results/sweeps") / f"{Path(experiment).stem}-{mode}"
+    if dry_run:
+        runs = s.plan(exp, quick)
+        done = s.finished(out)
+        for r in runs:
+            typer.echo(f"{'done' if r.id in done else 'todo'}  {r.file_name}")
+        typer.echo(f"ttr sweep: {len(runs)} valid runs, {sum(r.id in done for r in runs)} "
+                   f"finished in {out}")
+        return
+    s.run_sweep(exp, out, quick=quick, workers=workers, progress=not quiet,
+                command=shlex.join(["ttr", *sys.argv[1:]]), log=typer.echo)
+
+
+@app.command(short_help="Leaderboard (Markdown, CSV) and plots of a sweep's results.")
+def report(
+    results_dir: Annotated[Path, typer.Argument(metavar="RESULTS_DIR",
+                                                help="The --out directory of `ttr sweep`.")],
+) -> None:
+    """Write RESULTS_DIR/leaderboard.md with its CSVs and PNG plots from the finished runs
+    (a partial sweep gives a partial report, and says so)."""
+    from ttr.experiments import leaderboard
+
+    files = leaderboard.write(results_dir, command=shlex.join(["ttr", *sys.argv[1:]]))
+    typer.echo(f"ttr report: wrote {', '.join(str(p) for p in files.values())}")
+
+
+@app.command("compare-runs", short_help="Table and loss curves of several `ttr train` runs.")
+def compare_runs(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...",
+                                                   help="`ttr train --out` directories.")],
+    out: Annotated[Path, _opt("--out", "-o", metavar="DIR",
+                              help="Where lm.md, lm.csv and lm_curves.png go.")
+                   ] = Path("results/lm"),
+) -> None:
+    """Validation bits per byte, parameters, tokens and wall time of each run, best first,
+    as Markdown and CSV, and the training / validation curves as a PNG."""
+    from ttr.experiments import lm_compare
+
+    files = lm_compare.write(run_dirs, out, command=shlex.join(["ttr", *sys.argv[1:]]))
+    typer.echo(f"ttr compare-runs: wrote {', '.join(str(p) for p in files.values())}")
+
+
+@app.command("bench-generate", short_help="Tokens/s of cached generation vs recomputation.")
+def bench_generate(
+    pattern: Annotated[list[str] | None, _opt(
+        "--pattern", metavar="NAMES",
+        help="Layer pattern, comma-separated catalogue names (repeatable: one model each) "
+             "[default: gated_deltanet, mesa, softmax_attention, and a 3:1 hybrid].")] = None,
+    new_tokens: Annotated[int, _opt("--new-tokens", metavar="N", help="Tokens to generate.")
+                          ] = 1024,
+    prompt_len: Annotated[int, _opt("--prompt-len", metavar="N", help="Prompt length.")] = 32,
+    d_model: Annotated[int, _opt("--d-model", metavar="N", help="Model width.")] = 192,
+    n_layers: Annotated[int, _opt("--n-layers", metavar="N", help="Layers.")] = 4,
+    out: Annotated[Path | None, _opt("--out", "-o", metavar="FILE",
+                                     help="Also write the table to this Markdown file.")
+                   ] = None,
+) -> None:
+    """Greedy generation of --new-tokens bytes after a random prompt with a randomly initialized
+    byte-level TTRForCausalLM, once with generate() and the recurrent cache and once by running
+    the full forward for every new token. Needs the `hf` extra."""
+    import torch
+
+    from ttr.experiments.report import markdown_table
+    from ttr.hf.bench import generation_table
+
+    patterns = [tuple(p.split(",")) for p in pattern] if pattern else [
+        ("gated_deltanet",), ("mesa",), ("softmax_attention",),
+        ("gated_deltanet", "gated_deltanet", "gated_deltanet", "softmax_attention")]
+    rows = generation_table(patterns, d_model=d_model, n_layers=n_layers,
+                            prompt_len=prompt_len, new_tokens=new_tokens,
+                            progress=lambda r: typer.echo(
+                                f"{r['pattern']}: cached {r['cached_tok_s']:.0f} tok/s, "
+                                f"recompute {r['recompute_tok_s']:.0f} tok/s", err=True))
+    command = shlex.join(["ttr", *sys.argv[1:]])
+    table = markdown_table(
+        ["layers", "params", "cached tok/s", "recompute tok/s", "speedup"],
+        [[r["pattern"], f"{r['params'] / 1e6:.2f} M", f"{r['cached_tok_s']:.0f}",
+          f"{r['recompute_tok_s']:.1f}", f"{r['speedup']:.1f}x"] for r in rows])
+    text = (f"Generation of {new_tokens} new tokens after a {prompt_len}-token prompt, batch 1, "
+            f"greedy; d_model {d_model}, {n_layers} layers; {torch.get_num_threads()} threads."
+            f"\n\nCommand: `{command}`\n\n{table}\n")
+    typer.echo(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
 
 
 @app.command("list", short_help="The catalogue: every named architecture as a recipe.")

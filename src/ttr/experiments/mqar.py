@@ -47,6 +47,9 @@ LAYERS = {
                                        Optimizer.sgd()),
     "softmax": lambda ridge: Recipe(Weights.local(), FunctionClass.local_polynomial(0),
                                     Optimizer.exact()),
+    # p = 1 (Eq. 52-54); its ridge is on the slope, as the catalogue's local_linear entry
+    "local_linear": lambda ridge: Recipe(Weights.local(), FunctionClass.local_polynomial(1),
+                                         Optimizer.exact(ridge=0.1)),
 }
 
 
@@ -57,7 +60,8 @@ def layer_recipe(name: str, ridge: float) -> Recipe:
 
 
 LABELS = {"linear_attention": "linear attention", "rls": "RLS (exact least squares)",
-          "delta_rule": "delta rule (online SGD)", "softmax": "softmax attention"}
+          "delta_rule": "delta rule (online SGD)", "softmax": "softmax attention",
+          "local_linear": "local linear attention (p=1)"}
 
 
 @dataclass(frozen=True)

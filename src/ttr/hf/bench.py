@@ -43,3 +43,24 @@ def bench_generation(model: TTRForCausalLM, prompt_len: int, new_tokens: int,
     n = batch * new_tokens
     return {"cached_tok_s": n / cached, "recompute_tok_s": n / recompute,
             "speedup": recompute / cached}
+
+
+def generation_table(patterns: list[tuple[str, ...]], *, d_model: int = 192, n_layers: int = 4,
+                     n_heads: int = 4, prompt_len: int = 32, new_tokens: int = 1024,
+                     batch: int = 1, seed: int = 0, progress=None) -> list[dict]:
+    """bench_generation for a freshly initialized byte-level model per layer pattern (speed does
+    not depend on the weights). One row per pattern, with the model's size."""
+    from ttr.hf.model import TTRConfig
+
+    rows = []
+    for pattern in patterns:
+        torch.manual_seed(seed)
+        config = TTRConfig(vocab_size=256, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                           pattern=list(pattern))
+        model = TTRForCausalLM(config)
+        r = bench_generation(model, prompt_len, new_tokens, batch=batch, seed=seed)
+        rows.append(dict(pattern="+".join(pattern),
+                         params=sum(p.numel() for p in model.parameters()), **r))
+        if progress is not None:
+            progress(rows[-1])
+    return rows

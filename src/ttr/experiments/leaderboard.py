@@ -1,0 +1,331 @@
+"""`ttr report RESULTS_DIR`: the leaderboard of a sweep (`ttr.sweep`), as Markdown, CSV and PNG.
+
+Written into RESULTS_DIR:
+  leaderboard.md         the command, run count and compute time; per MQAR variant a table with
+                         one row per layer -- its three design choices (weights, function
+                         class, optimizer), recurrent state size and best-lr accuracy at every
+                         grid point; per online-regression variant the mean loss per phase;
+                         and a design-axis table per part: for each value of each axis, the
+                         layers that take it and their mean and best score, which is where one
+                         reads which choice moves recall.
+  mqar.csv, regression.csv   the same numbers, one row per (layer, grid point).
+  mqar_vs_T.png          accuracy vs T, one panel per (variant, P) (only if T varies per P)
+  mqar_vs_d.png          accuracy vs d_model, one panel per (variant, P, T) (if d varies)
+  mqar_vs_state.png      accuracy vs recurrent state size (zoology's recall-vs-memory plot)
+  regression_<variant>.png  loss vs t, one line per layer, families by colour.
+
+MQAR scores are the best test accuracy over the learning rates of a grid point, as zoology
+reports them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from ttr.experiments.report import markdown_table
+from ttr.sweep import finished
+
+AXES = ("weights", "function class", "optimizer")
+# The paper's Fig. 2 / Fig. 3 layers that are bare recipes rather than catalogue entries.
+RECIPE_CHOICES = {
+    "linear_attention": ("uniform", "linear", "GD (one step)", "linear attention"),
+    "rls": ("uniform", "linear", "exact", "exact second order"),
+    "delta_rule": ("uniform", "linear", "online SGD", "online SGD"),
+    "softmax": ("local", "local polynomial p=0", "exact", "nonparametric"),
+    "local_linear": ("local", "local polynomial p=1", "exact", "nonparametric"),
+    "naive": ("-", "-", "-", "baseline"),
+}
+FAMILY_COLORS = {"linear attention": "tab:blue", "geometric decay": "tab:orange",
+                 "online SGD": "tab:green", "exact second order": "tab:red",
+                 "nonparametric": "tab:purple", "baseline": "tab:gray"}
+
+
+def choices(layer: str, source: str) -> dict:
+    """The layer's design choices, coarsened to the axis values (no hyperparameters)."""
+    if source == "catalog":
+        from ttr import catalog
+
+        row = catalog.describe(layer)
+        coarse = {a: row[a].split(" (")[0] for a in AXES}
+        return {**coarse, "family": row["family"]}
+    w, f, o, family = RECIPE_CHOICES[layer]
+    return {"weights": w, "function class": f, "optimizer": o, "family": family}
+
+
+def _name(record: dict) -> str:
+    c = record["config"]
+    layer = c.get("layer") or c.get("method")
+    return layer if c["source"] == "catalog" else f"{layer} ({c['source']})"
+
+
+def mqar_rows(records: list[dict]) -> list[dict]:
+    """One row per (layer, variant, d_model, P, T): the best accuracy over learning rates."""
+    best: dict[tuple, dict] = {}
+    for r in records:
+        c, res = r["config"], r["result"]
+        key = (_name(r), c["variant"], c["d_model"], c["num_pairs"], c["seq_len"])
+        if key not in best or res["accuracy"] > best[key]["accuracy"]:
+            best[key] = dict(layer=key[0], source=c["source"], variant=key[1], d_model=key[2],
+                             num_pairs=key[3], seq_len=key[4], accuracy=res["accuracy"],
+                             lr=c["lr"], state_floats=res["state_floats"],
+                             params=res["params"], chance=res["chance"],
+                             **choices(c["layer"], c["source"]))
+    return sorted(best.values(), key=lambda x: (x["variant"], x["layer"], x["d_model"],
+                                                x["num_pairs"], x["seq_len"]))
+
+
+def regression_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for r in records:
+        c, res = r["config"], r["result"]
+        rows.append(dict(layer=_name(r), source=c["source"], variant=c["variant"],
+                         seeds=c["seeds"], **{k: res[k] for k in (
+                             "first_quarter", "first_quarter_stderr", "rest", "rest_stderr",
+                             "all", "all_stderr", "raw_first_quarter", "raw_rest")},
+                         curve=res["loss_mean"], **choices(c["method"], c["source"])))
+    return sorted(rows, key=lambda x: (x["variant"], _sort_loss(x["all"])))
+
+
+def _sort_loss(x):
+    return float("inf") if x is None else x
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _loss(x, se=None) -> str:
+    if x is None:
+        return "diverged"
+    return f"{x:.3f}" if se is None else f"{x:.3f} ± {se:.3f}"
+
+
+def _axis_table(rows: list[dict], score: str, higher_better: bool, fmt) -> str:
+    """Per axis value: how many layers take it, their mean and best score, the best layer."""
+    out = []
+    for axis in AXES:
+        groups = defaultdict(list)
+        for r in rows:
+            if r[score] is not None:
+                groups[r[axis]].append(r)
+        for value, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            vals = [r[score] for r in rs]
+            best = (max if higher_better else min)(rs, key=lambda r: r[score])
+            out.append([axis, value, len(rs), fmt(statistics.mean(vals)),
+                        fmt(statistics.median(vals)), f"{best['layer']} ({fmt(best[score])})"])
+    return markdown_table(["axis", "choice", "layers", "mean", "median", "best layer"], out)
+
+
+def _mqar_section(rows: list[dict]) -> list[str]:
+    lines = []
+    for variant in sorted({r["variant"] for r in rows}):
+        vr = [r for r in rows if r["variant"] == variant]
+        points = sorted({(r["d_model"], r["num_pairs"], r["seq_len"]) for r in vr})
+        per_layer = defaultdict(dict)
+        for r in vr:
+            per_layer[r["layer"]][r["d_model"], r["num_pairs"], r["seq_len"]] = r
+        mean = {layer: statistics.mean(r["accuracy"] for r in pts.values())
+                for layer, pts in per_layer.items()}
+        table = []
+        for layer in sorted(per_layer, key=lambda n: -mean[n]):
+            pts = per_layer[layer]
+            first = next(iter(pts.values()))
+            state = pts[points[0]]["state_floats"] if points[0] in pts else first["state_floats"]
+            table.append([layer, first["family"], *(first[a] for a in AXES), f"{state:,}",
+                          *(_pct(pts[p]["accuracy"]) if p in pts else "-" for p in points),
+                          _pct(mean[layer])])
+        chance = vr[0]["chance"]
+        lines += [f"### MQAR, {variant} variant", "",
+                  f"Best accuracy over learning rates (chance {_pct(chance)}); state size in "
+                  f"floats per sequence at the first grid point; layers by mean accuracy.", "",
+                  markdown_table(["layer", "family", *AXES, "state",
+                                  *(f"d={d} P={p} T={t}" for d, p, t in points), "mean"],
+                                 table), "",
+                  f"Design axes ({variant}): mean accuracy over the grid points per layer, "
+                  "then over the layers taking each choice.", "",
+                  _axis_table([dict(per_layer[n][next(iter(per_layer[n]))], accuracy=mean[n])
+                               for n in per_layer], "accuracy", True, _pct), ""]
+    return lines
+
+
+def _regression_section(rows: list[dict]) -> list[str]:
+    lines = []
+    for variant in sorted({r["variant"] for r in rows}):
+        vr = [r for r in rows if r["variant"] == variant]
+        table = [[r["layer"], r["family"], *(r[a] for a in AXES),
+                  _loss(r["first_quarter"], r["first_quarter_stderr"]),
+                  _loss(r["rest"], r["rest_stderr"]), _loss(r["all"], r["all_stderr"]),
+                  _loss(r["raw_first_quarter"]), _loss(r["raw_rest"])] for r in vr]
+        lines += [f"### Online regression, {variant} variant ({vr[0]['seeds']} sequences)", "",
+                  "Mean |v_{t+1} - y_t/|y_t||^2 per phase (t <= T/4, t > T/4, all) ± standard "
+                  "error over sequences; `raw` is the unnormalized prediction's loss (the "
+                  "paper's Fig. 2 scores its methods raw). Lower is better; sorted by the "
+                  "whole-sequence loss.", "",
+                  markdown_table(["layer", "family", *AXES, "t <= T/4", "t > T/4", "all",
+                                  "raw t <= T/4", "raw t > T/4"], table), "",
+                  f"Design axes ({variant}): whole-sequence loss.", "",
+                  _axis_table(vr, "all", False, _loss), ""]
+    return lines
+
+
+def _write_csv(path: Path, rows: list[dict], drop=("curve",)) -> None:
+    cols = [k for k in rows[0] if k not in drop]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _figure(n_panels: int, width: float = 4.6, height: float = 3.6):
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    cols = min(n_panels, 3)
+    rows = -(-n_panels // cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False).ravel()
+
+
+def _legend(fig, axes) -> None:
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=7)
+
+
+def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
+    written = []
+    panels = sorted({(r["variant"], r["num_pairs"]) for r in rows})
+    varies_t = any(len({r["seq_len"] for r in rows if (r["variant"], r["num_pairs"]) == p}) > 1
+                   for p in panels)
+    if varies_t:  # accuracy vs T per P, at the largest d_model
+        fig, axes = _figure(len(panels))
+        for ax, (variant, P) in zip(axes, panels, strict=False):
+            sel = [r for r in rows if (r["variant"], r["num_pairs"]) == (variant, P)]
+            d = max(r["d_model"] for r in sel)
+            for layer in sorted({r["layer"] for r in sel}):
+                pts = sorted((r["seq_len"], r["accuracy"], r["family"]) for r in sel
+                             if r["layer"] == layer and r["d_model"] == d)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=layer)
+            ax.set_xscale("log", base=2)
+            ax.set(title=f"{variant}, P = {P}, d_model = {d}", xlabel="T",
+                   ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
+            ax.grid(alpha=0.3)
+        _legend(fig, axes)
+        written.append(out_dir / "mqar_vs_T.png")
+        fig.savefig(written[-1], dpi=110)
+    points = sorted({(r["variant"], r["num_pairs"], r["seq_len"]) for r in rows})
+    if len({r["d_model"] for r in rows}) > 1:
+        fig, axes = _figure(len(points))
+        for ax, point in zip(axes, points, strict=False):
+            sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]
+            for layer in sorted({r["layer"] for r in sel}):
+                pts = sorted((r["d_model"], r["accuracy"]) for r in sel if r["layer"] == layer)
+                fam = next(r["family"] for r in sel if r["layer"] == layer)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=layer, alpha=0.8,
+                        color=FAMILY_COLORS.get(fam))
+            ax.set_xscale("log", base=2)
+            ax.set(title="{}, P = {}, T = {}".format(*point), xlabel="d_model",
+                   ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
+            ax.grid(alpha=0.3)
+        written.append(out_dir / "mqar_vs_d.png")
+        fig.savefig(written[-1], dpi=110)
+    fig, axes = _figure(len(points))
+    for ax, point in zip(axes, points, strict=False):  # zoology's recall vs memory
+        sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]
+        for fam in sorted({r["family"] for r in sel}):
+            fs = [r for r in sel if r["family"] == fam]
+            ax.scatter([r["state_floats"] for r in fs], [r["accuracy"] for r in fs], s=18,
+                       label=fam, color=FAMILY_COLORS.get(fam))
+            for r in fs:
+                ax.annotate(r["layer"], (r["state_floats"], r["accuracy"]), fontsize=5,
+                            alpha=0.7, xytext=(2, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(title="{}, P = {}, T = {}".format(*point), xlabel="recurrent state (floats)",
+               ylabel="accuracy (best lr)", ylim=(-0.02, 1.05))
+        ax.grid(alpha=0.3)
+    _legend(fig, axes)
+    written.append(out_dir / "mqar_vs_state.png")
+    fig.savefig(written[-1], dpi=110)
+    return written
+
+
+def plot_regression(rows: list[dict], out_dir: Path) -> list[Path]:
+    written = []
+    for variant in sorted({r["variant"] for r in rows}):
+        vr = [r for r in rows if r["variant"] == variant]
+        fig, (ax,) = _figure(1, width=9, height=5)
+        for r in vr:
+            curve = [float("nan") if x is None else x for x in r["curve"]]
+            paper = r["source"] == "paper"
+            ax.plot(range(1, len(curve) + 1), curve, lw=2.0 if paper else 0.9,
+                    ls="-" if paper else "--", color=FAMILY_COLORS.get(r["family"]),
+                    label=r["layer"], alpha=0.9)
+        T = len(vr[0]["curve"])
+        if variant != "stationary":
+            ax.axvline(T // 4, color="k", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set(xlabel="t", ylabel="|v_{t+1} - y_t/|y_t||^2 (mean over sequences)",
+               title=f"online regression, {variant} variant (colour: family; solid: paper "
+                     f"methods)")
+        ax.grid(alpha=0.3)
+        fig.legend(fontsize=6, ncols=2, loc="outside right upper")
+        written.append(out_dir / f"regression_{variant}.png")
+        fig.savefig(written[-1], dpi=110)
+    return written
+
+
+def write(out_dir: Path, command: str = "") -> dict:
+    """Read every finished run in out_dir and write the report files; returns their paths."""
+    out_dir = Path(out_dir)
+    meta_path = out_dir / "sweep.json"
+    if not meta_path.exists():
+        raise ValueError(f"RESULTS_DIR: {out_dir} has no sweep.json; expected the --out "
+                         f"directory of a `ttr sweep` run")
+    meta = json.loads(meta_path.read_text())
+    records = list(finished(out_dir).values())
+    if not records:
+        raise ValueError(f"RESULTS_DIR: {out_dir / 'runs'} holds no finished runs yet")
+    from ttr.sweep import get_experiment, plan
+
+    try:
+        spec = meta.get("spec", meta["experiment"])
+        planned = len(plan(get_experiment(spec), meta["mode"] == "quick"))
+    except (ValueError, OSError):  # a user's experiment file that has moved or changed
+        planned = None
+    mq = mqar_rows([r for r in records if r["task"] == "mqar"])
+    rg = regression_rows([r for r in records if r["task"] == "online_regression"])
+    hours = sum(r["seconds"] for r in records) / 3600
+    done = f"{len(records)} of {planned}" if planned else f"{len(records)}"
+    lines = [f"# Sweep `{meta['experiment']}` ({meta['mode']})", "",
+             f"- Sweep command: `{meta.get('command') or 'ttr sweep ' + meta['experiment']}`",
+             f"- Report command: `{command or 'ttr report ' + str(out_dir)}`",
+             f"- Runs finished: {done}; compute {hours:.2f} h (sum of per-run wall times; "
+             f"runs go in parallel)", ""]
+    files = {}
+    if planned and len(records) < planned:
+        lines += [f"**Partial:** {planned - len(records)} runs have not finished; rerun the "
+                  "sweep command to finish them (finished runs are skipped).", ""]
+    if mq:
+        lines += _mqar_section(mq)
+        _write_csv(out_dir / "mqar.csv", mq)
+        files["mqar_csv"] = out_dir / "mqar.csv"
+        for p in plot_mqar(mq, out_dir):
+            files[p.stem] = p
+            lines.append(f"![{p.stem}]({p.name})")
+        lines.append("")
+    if rg:
+        lines += _regression_section(rg)
+        _write_csv(out_dir / "regression.csv", rg)
+        files["regression_csv"] = out_dir / "regression.csv"
+        for p in plot_regression(rg, out_dir):
+            files[p.stem] = p
+            lines.append(f"![{p.stem}]({p.name})")
+        lines.append("")
+    (out_dir / "leaderboard.md").write_text("\n".join(lines))
+    files["leaderboard"] = out_dir / "leaderboard.md"
+    return files

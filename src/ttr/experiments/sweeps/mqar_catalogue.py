@@ -1,0 +1,44 @@
+"""Every catalogue entry on MQAR, both data variants, over d_model x (pairs, T) x lr.
+
+zoology variant (Arora et al. 2023): 2 pre-norm blocks (mixer + gated MLP), 2 heads, keys and
+values from a 128-token vocabulary (64 for the quick point), T >= 4P.
+paper variant (Section 6): one block, one head, no MLP, the entry's own short convs (a length-2
+key conv added where it has none), the 2P-token vocabulary.
+
+The zoology points are below capacity (P << d_model) and test whether a layer learns the
+association at all; the paper points put P at d_model or above it, where Section 6 says the
+optimizer matters (linear attention's outer-product memory saturates, RLS's does not).
+
+quick: one grid point per variant -- zoology d_model 64, P = 8, T = 64; paper d_model 32,
+P = 32, T = 64 -- with 300 steps of 32 sequences and lr in {3e-3, 1e-2}: 33 entries x 2
+variants x 2 lrs = 132 runs.
+full: d_model in {32, 64, 128} x lr in {1e-3, 3e-3, 1e-2} x 600 steps, zoology (P, T) in
+{(8, 64), (16, 128)}, paper (P, T) in {(32, 64), (64, 128)}: 1188 runs, estimated from the
+quick runs' times scaled by T, d_model and steps at roughly 20 hours on 2 cores (it resumes,
+so it can run in pieces).
+"""
+
+from ttr import catalog
+
+NAME = "mqar_catalogue"
+
+
+def runs(quick: bool) -> list[dict]:
+    if quick:
+        grids = {"zoology": [(64, 8, 64)], "paper": [(32, 32, 64)]}
+        lrs, steps, vocab = (3e-3, 1e-2), 300, 64
+    else:
+        grids = {v: [(d, p, t) for d in (32, 64, 128) for p, t in pts]
+                 for v, pts in (("zoology", ((8, 64), (16, 128))),
+                                ("paper", ((32, 64), (64, 128))))}
+        lrs, steps, vocab = (1e-3, 3e-3, 1e-2), 600, 128
+    out = []
+    for variant, grid in grids.items():
+        model = (dict(n_layers=2, mlp=True, n_heads=2, vocab_size=vocab) if variant == "zoology"
+                 else dict(n_layers=1, mlp=False, n_heads=1))
+        for name in catalog.names():
+            for d, p, t in grid:
+                for lr in lrs:
+                    out.append(dict(task="mqar", layer=name, variant=variant, d_model=d,
+                                    num_pairs=p, seq_len=t, lr=lr, steps=steps, **model))
+    return out

@@ -1,0 +1,280 @@
+"""`ttr sweep`: run an experiment -- a list of run configs, as zoology's sweep files are -- in
+parallel worker processes, resumably.
+
+    >>> summary = run_sweep(get_experiment("mqar_catalogue"), Path("results/mqar_cat"), quick=True)
+
+An experiment is a module (a shipped one from `ttr.experiments.sweeps.EXPERIMENTS`, or any
+Python file passed by path) with `runs(quick: bool) -> list[dict]`. Each dict names a task of
+`TASKS` under "task" and gives that task's config fields; the task's config dataclass validates
+it. Every config is validated before anything runs, and an invalid one is reported by its index
+and label, with the dataclass's message naming the field.
+
+Layout of a results directory:
+
+    sweep.json            the experiment, mode and command of the first invocation
+    runs/<label>-<id>.json one file per finished run: {"task", "config", "result", "seconds",
+                          "finished"}; <id> is a hash of the task and its full config
+
+Resumability. A worker writes its result to a temporary file in runs/, fsyncs it and renames it
+into place, so a run's file exists only once the run has finished; a restart skips every run
+whose file exists (and is readable) and redoes the rest. Killing the sweep at any moment loses
+at most the runs in flight. Each run is seeded by its config alone, so where and in what order
+it runs does not change its result.
+
+Progress: one bar for the sweep (runs done / total, ETA) and one per worker for the run it is
+on (its task reports steps through a callback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Task:
+    """A kind of run: `config` is a dataclass with `from_dict` (it validates), `run(config,
+    progress)` returns a JSON-able dict, `progress(done, total)` reports steps within the run,
+    and `label(config)` names the run for humans (file names, progress bars)."""
+
+    config: type
+    run: Callable[[Any, Callable[[int, int], None]], dict]
+    label: Callable[[Any], str]
+
+
+def _tasks() -> dict[str, Task]:
+    # The registry of tasks, built on first use so that `import ttr.sweep` stays light.
+    from ttr.experiments import sweep_tasks as st
+
+    return {"mqar": Task(st.MQARRun, st.run_mqar, st.MQARRun.label),
+            "online_regression": Task(st.RegressionRun, st.run_regression,
+                                      st.RegressionRun.label)}
+
+
+def get_experiment(name_or_path: str) -> ModuleType:
+    """A shipped experiment by name, or a Python file defining `runs(quick) -> list[dict]`."""
+    from ttr.experiments.sweeps import EXPERIMENTS
+
+    if name_or_path in EXPERIMENTS:
+        return EXPERIMENTS[name_or_path]
+    path = Path(name_or_path).resolve()
+    if path.suffix != ".py" or not path.is_file():
+        raise ValueError(f"EXPERIMENT: expected one of {sorted(EXPERIMENTS)} or a .py file "
+                         f"defining runs(quick), got {name_or_path!r}")
+    spec = importlib.util.spec_from_file_location(f"ttr_sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "runs", None)):
+        raise ValueError(f"EXPERIMENT: {path} defines no function runs(quick) -> list[dict]")
+    module.NAME = getattr(module, "NAME", path.stem)
+    module.SPEC = str(path)  # how `ttr report` finds the experiment again
+    return module
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    config: Any  # the task's validated config dataclass
+    label: str
+    id: str
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.label}-{self.id}.json"
+
+
+def plan(experiment: ModuleType, quick: bool) -> list[Run]:
+    """The experiment's runs, every one validated; duplicates (same task and config) are
+    errors, since they would share a result file."""
+    tasks = _tasks()
+    raw = experiment.runs(quick)
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{_name(experiment)}.runs({quick}): expected a non-empty list of "
+                         f"dicts, got {type(raw).__name__} of length {len(raw or ())}")
+    runs, seen = [], {}
+    for i, spec in enumerate(raw):
+        where = f"{_name(experiment)} config {i}"
+        if not isinstance(spec, dict) or spec.get("task") not in tasks:
+            got = spec.get("task") if isinstance(spec, dict) else spec
+            raise ValueError(f"{where}: expected a dict with 'task' one of {sorted(tasks)}, "
+                             f"got {got!r}")
+        fields = {k: v for k, v in spec.items() if k != "task"}
+        task = tasks[spec["task"]]
+        try:
+            config = task.config.from_dict(fields)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where} ({_short(fields)}): {e}") from None
+        canonical = json.dumps({"task": spec["task"], **asdict(config)}, sort_keys=True)
+        run_id = hashlib.sha256(canonical.encode()).hexdigest()[:10]
+        if run_id in seen:
+            raise ValueError(f"{where}: the same run as config {seen[run_id]} ({_short(fields)})")
+        seen[run_id] = i
+        runs.append(Run(spec["task"], config, task.label(config), run_id))
+    return runs
+
+
+def _name(experiment: ModuleType) -> str:
+    return getattr(experiment, "NAME", experiment.__name__.rsplit(".", 1)[-1])
+
+
+def _short(fields: dict) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    return text if len(text) < 160 else text[:157] + "..."
+
+
+def finished(out_dir: Path) -> dict[str, dict]:
+    """Run id -> record, for every readable result file in out_dir/runs."""
+    records = {}
+    for path in sorted((Path(out_dir) / "runs").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # cannot happen with atomic writes, unless edited by hand: redo the run
+        records[path.stem.rsplit("-", 1)[-1]] = record
+    return records
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`: a
+    reader sees the old file or the whole new one, never a partial write."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _work(run: Run, out_dir: str, progress_queue) -> tuple[str, float]:
+    """In a worker: run one config and record it atomically. Returns (run id, seconds)."""
+    task = _tasks()[run.task]
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if progress_queue is not None and (now - last[0] > 0.5 or done == total):
+            last[0] = now
+            progress_queue.put((run.id, run.label, done, total))
+
+    start = time.perf_counter()
+    result = task.run(run.config, progress)
+    seconds = time.perf_counter() - start
+    record = {"task": run.task, "config": asdict(run.config), "label": run.label,
+              "result": result, "seconds": round(seconds, 3),
+              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json_atomic(Path(out_dir) / "runs" / run.file_name, record)
+    return run.id, seconds
+
+
+def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
+              workers: int | None = None, progress: bool = True, command: str = "",
+              log: Callable[[str], None] = print) -> dict:
+    """Run every unfinished run of the experiment; returns {"total", "skipped", "ran",
+    "seconds"}. Validation happens before any worker starts."""
+    runs = plan(experiment, quick)
+    out_dir = Path(out_dir)
+    name = _name(experiment)
+    meta_path = out_dir / "sweep.json"
+    mode = "quick" if quick else "full"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("experiment"), meta.get("mode")) != (name, mode):
+            raise ValueError(f"--out: {out_dir} holds the {meta.get('mode')} sweep of "
+                             f"{meta.get('experiment')!r}, not the {mode} sweep of {name!r}; "
+                             f"expected a fresh directory")
+    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    for stale in (out_dir / "runs").glob(".*.tmp"):  # partial writes of killed workers
+        stale.unlink()
+    if not meta_path.exists():
+        write_json_atomic(meta_path, {"experiment": name, "mode": mode, "command": command,
+                                      "spec": getattr(experiment, "SPEC", name),
+                                      "started": datetime.now(timezone.utc).isoformat(
+                                          timespec="seconds")})
+    done = finished(out_dir)
+    todo = [r for r in runs if r.id not in done]
+    summary = {"total": len(runs), "skipped": len(runs) - len(todo), "ran": 0, "seconds": 0.0}
+    if not todo:
+        log(f"ttr sweep: all {len(runs)} runs of {name} ({mode}) are already in {out_dir}; "
+            f"nothing to do")
+        return summary
+    if summary["skipped"]:
+        log(f"ttr sweep: {summary['skipped']} of {len(runs)} runs already finished; "
+            f"running the other {len(todo)}")
+    workers = workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(todo)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    start = time.perf_counter()
+    ctx = mp.get_context("spawn")  # no fork after torch's thread pools exist
+    manager = ctx.Manager() if progress else None
+    pq = manager.Queue() if manager else None
+    total_bar = tqdm(total=len(runs), initial=summary["skipped"], desc=f"sweep {name}",
+                     unit="run", disable=not progress, dynamic_ncols=True, position=0)
+    bars: dict[str, tuple[tqdm, int]] = {}  # run id -> (its bar, the bar's screen line)
+    free = list(range(1, workers + 1))
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            pending = {pool.submit(_work, r, str(out_dir), pq): r for r in todo}
+            while pending:
+                ready, _ = wait(pending, timeout=0.3, return_when=FIRST_COMPLETED)
+                _drain(pq, bars, free)
+                for fut in ready:
+                    run = pending.pop(fut)
+                    fut.result()  # a failing run stops the sweep with its error
+                    summary["ran"] += 1
+                    total_bar.update(1)
+                    bar, line = bars.pop(run.id, (None, None))
+                    if bar is not None:
+                        free.append(line)
+                        bar.close()
+    finally:
+        for bar, _ in bars.values():
+            bar.close()
+        total_bar.close()
+        if manager is not None:
+            manager.shutdown()
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    log(f"ttr sweep: ran {summary['ran']} runs in {summary['seconds']:.0f} s "
+        f"({summary['skipped']} skipped); results in {out_dir / 'runs'}")
+    return summary
+
+
+def _drain(pq, bars: dict, free: list) -> None:
+    """Move per-run progress messages from the workers onto one bar per run in flight."""
+    if pq is None:
+        return
+    while True:
+        try:
+            run_id, label, done, total = pq.get_nowait()
+        except queue.Empty:
+            return
+        if run_id not in bars:
+            if not free:
+                continue
+            line = free.pop(0)
+            bars[run_id] = tqdm(total=total, desc=label, position=line, leave=False,
+                                dynamic_ncols=True), line
+        bar = bars[run_id][0]
+        bar.update(done - bar.n)

@@ -1,0 +1,180 @@
+"""`ttr sweep` / `ttr report`: validation before any run, atomic per-run results, resuming after a
+SIGKILL, a finished sweep doing nothing, the report, and the frozen catalogue memories of the
+online-regression catalogue."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttr import catalog
+from ttr.cli import main
+from ttr.experiments import leaderboard
+from ttr.experiments.sweep_tasks import (
+    MQARRun,
+    RegressionRun,
+    frozen_entry,
+    regression_data,
+    run_mqar,
+)
+from ttr.sweep import finished, get_experiment, plan, run_sweep
+
+TINY_MQAR = dict(task="mqar", d_model=8, n_heads=1, num_pairs=2, seq_len=16, vocab_size=16,
+                 steps=3, batch_size=4, n_test=8)
+TINY_REG = dict(task="online_regression", T=8, d=4, seeds=2)
+
+
+def _experiment(tmp_path: Path, runs: list[dict], name: str = "exp") -> Path:
+    path = tmp_path / f"{name}.py"
+    path.write_text(f"RUNS = {runs!r}\n\ndef runs(quick):\n    return RUNS\n")
+    return path
+
+
+TINY_RUNS = ([dict(TINY_MQAR, layer=n, lr=lr) for n in ("linear_attention", "deltanet")
+              for lr in (1e-3, 1e-2)]
+             + [dict(TINY_MQAR, layer="mesa", variant="paper", n_layers=1, mlp=False, lr=1e-2)]
+             + [dict(TINY_REG, method=m, source=s, variant=v)
+                for s, m in (("paper", "rls"), ("catalog", "gated_deltanet"))
+                for v in ("switch", "noisy")])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(TINY_MQAR, layer="nope"), "MQARRun.layer"),
+    (dict(TINY_MQAR, layer="deltanet", lr=-1.0), "MQARRun.lr"),
+    (dict(TINY_MQAR, layer="deltanet", seq_len=6), "MQARRun.seq_len"),
+    (dict(TINY_MQAR, layer="deltanet", colour=1), "unknown keys ['colour']"),
+    (dict(TINY_REG, method="rls", source="paper", variant="windy"), "RegressionRun.variant"),
+    (dict(task="sing"), "'task' one of"),
+])
+def test_invalid_config_is_rejected_before_any_run(tmp_path, bad, message):
+    exp = get_experiment(str(_experiment(tmp_path, [dict(TINY_MQAR, layer="deltanet"), bad])))
+    with pytest.raises(ValueError, match="exp config 1") as info:
+        run_sweep(exp, tmp_path / "out", progress=False, log=lambda s: None)
+    assert message in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_runs_and_unknown_experiments_are_errors(tmp_path):
+    run = dict(TINY_MQAR, layer="deltanet")
+    with pytest.raises(ValueError, match="config 1: the same run as config 0"):
+        plan(get_experiment(str(_experiment(tmp_path, [run, dict(run)]))), False)
+    with pytest.raises(ValueError, match="EXPERIMENT: expected one of"):
+        get_experiment("no_such_experiment")
+
+
+def test_shipped_experiments_are_valid():
+    sizes = {name: (len(plan(get_experiment(name), True)), len(plan(get_experiment(name), False)))
+             for name in ("mqar_catalogue", "online_regression_catalogue", "fig2", "fig3")}
+    n = len(catalog.names())
+    assert sizes["mqar_catalogue"][0] == n * 2 * 2  # every entry, both variants, 2 lrs
+    assert sizes["online_regression_catalogue"][0] == (n + 5) * 3
+    assert sizes["fig2"] == (5, 5)
+
+
+def test_sweep_runs_everything_once_and_a_rerun_does_nothing(tmp_path):
+    exp = get_experiment(str(_experiment(tmp_path, TINY_RUNS)))
+    out, said = tmp_path / "out", []
+    summary = run_sweep(exp, out, workers=2, progress=False, log=said.append)
+    assert summary["ran"] == len(TINY_RUNS) and summary["skipped"] == 0
+    records = finished(out)
+    assert len(records) == len(TINY_RUNS)
+    assert not list((out / "runs").glob(".*"))  # no temporary files left
+    again = run_sweep(exp, out, workers=2, progress=False, log=said.append)
+    assert again["ran"] == 0 and "nothing to do" in said[-1]
+    # A run's result depends on its config alone, not on the worker or the order.
+    rec = next(r for r in records.values() if r["config"]["layer" if "layer" in r["config"]
+                                                         else "method"] == "mesa")
+    alone = run_mqar(MQARRun.from_dict(rec["config"]), lambda *a: None)
+    assert alone["accuracy"] == rec["result"]["accuracy"]
+    # The report: a leaderboard with every layer, CSVs and the plots.
+    files = leaderboard.write(out)
+    text = files["leaderboard"].read_text()
+    for name in ("linear_attention", "deltanet", "mesa", "rls (paper)", "gated_deltanet"):
+        assert name in text
+    assert "Design axes" in text and "Partial" not in text
+    for key in ("mqar_csv", "mqar_vs_state", "regression_switch", "regression_noisy"):
+        assert files[key].stat().st_size > 0
+
+
+def test_a_killed_sweep_resumes_losing_only_the_runs_in_flight(tmp_path):
+    runs = [dict(TINY_MQAR, layer="deltanet", steps=40, lr=lr, seed=s)
+            for lr in (1e-3, 3e-3) for s in range(4)]
+    path = _experiment(tmp_path, runs)
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("ttr")), "sweep", str(path), "--out", str(out),
+           "-j", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list((out / "runs").glob("*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its workers, mid-run
+    proc.wait()
+    before = finished(out)
+    assert 2 <= len(before) < len(runs)
+    for rec in before.values():  # every file present is a whole, readable record
+        assert set(rec) >= {"config", "result", "seconds", "finished"}
+    said = []
+    summary = run_sweep(get_experiment(str(path)), out, workers=1, progress=False,
+                        log=said.append)
+    assert summary["skipped"] == len(before)
+    assert summary["skipped"] + summary["ran"] == len(runs)
+    after = finished(out)
+    assert all(after[k] == v for k, v in before.items())  # finished runs were not redone
+
+
+def test_cli_sweep_dry_run_report_and_errors(tmp_path, capsys):
+    path = _experiment(tmp_path, TINY_RUNS[-2:])
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "--out", str(out), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("todo") == 2
+    assert main(["sweep", str(path), "--out", str(out), "-q", "-j", "1"]) == 0
+    assert main(["report", str(out)]) == 0
+    assert (out / "leaderboard.md").exists()
+    assert main(["sweep", "fig9"]) == 1
+    assert "EXPERIMENT: expected one of" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no sweep.json" in capsys.readouterr().err
+    other = _experiment(tmp_path, TINY_RUNS[:1], name="other")
+    assert main(["sweep", str(other), "--out", str(out), "-q"]) == 1
+    assert "not the full sweep of 'other'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", catalog.names())
+def test_frozen_entries_see_the_data_and_constant_gates(name):
+    """The frozen memory's inputs: q_t = k_{t+1}, k_t, v_t (before any normalization or feature
+    map of the entry), and every gate value the same at every step."""
+    run = RegressionRun(name, T=12, d=4, seeds=2)
+    q, k, v, _ = regression_data(run)
+    m = frozen_entry(name, run.d)
+    x = torch.cat([k, v, q], dim=-1)[:, :, 0]
+    assert torch.equal(m.q_proj(x), q[:, :, 0])
+    assert torch.equal(m.v_proj(x)[..., :run.d], v[:, :, 0])
+    if m.k_proj is not None:
+        assert torch.equal(m.k_proj(x)[..., :run.d], k[:, :, 0])
+    _, _, _, inputs, _, _ = m.memory_inputs(x)
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[1] == run.T:
+            assert torch.allclose(value, value[:, :1].expand_as(value)), key
+
+
+def test_report_of_a_partial_sweep_says_so(tmp_path):
+    path = _experiment(tmp_path, TINY_RUNS[-2:])
+    out = tmp_path / "out"
+    run_sweep(get_experiment(str(path)), out, progress=False, workers=1, log=lambda s: None)
+    victim = next((out / "runs").glob("*.json"))
+    victim.unlink()
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["experiment"] == "exp"
+    text = leaderboard.write(out)["leaderboard"].read_text()
+    assert "Runs finished: 1 of 2" in text and "Partial" in text
+    path.unlink()  # the experiment file is gone: the report counts what it has
+    assert "Runs finished: 1;" in leaderboard.write(out)["leaderboard"].read_text()
