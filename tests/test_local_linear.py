@@ -103,6 +103,42 @@ def test_gradcheck(form):
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+def _graph(fn) -> list[str]:
+    seen, stack, names = set(), [fn], []
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        names.append(type(f).__name__)
+        stack.extend(g for g, _ in f.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("cache", [False, True])
+def test_blocked_backward_by_recomputation(causal, cache):
+    """The custom backward of the blocked form (ridge > 0) equals autograd through the naive
+    form, for the queries, keys, values and a KV cache, causal or not; and gradcheck holds."""
+    q, k, v = (x.requires_grad_() for x in qkv(2, 13, 2, 3, 4))
+    state = tuple(x.requires_grad_() for x in qkv(2, 3, 2, 3, 4, seed=1)[1:]) if cache else ()
+
+    def fn(form):
+        return lambda q, k, v, *c: local_linear_attention(
+            q, k, v, ridge=0.3, bandwidth=2.0, form=form, block_size=4, causal=causal,
+            initial_state=c or None)[0]
+
+    args = (q, k, v, *state)
+    o = fn("blocked")(*args)
+    nodes = _graph(o.grad_fn)  # one custom node, not the autograd graph of every block pair
+    assert "_BlockedFnBackward" in nodes and len(nodes) < 30, nodes
+    g = torch.randn_like(o)
+    for a, b in zip(torch.autograd.grad(o, args, g),
+                    torch.autograd.grad(fn("naive")(*args), args, g), strict=True):
+        assert_close(a, b, F64)
+    assert torch.autograd.gradcheck(fn("blocked"), args)
+
+
 @pytest.mark.parametrize("form", ["naive", "blocked"])
 def test_state_carry_over(form):
     q, k, v = qkv(2, 21, 2, 6, 4)
