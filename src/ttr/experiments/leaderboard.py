@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +33,7 @@ from ttr.sweep import finished
 AXES = ("weights", "function class", "optimizer")
 # The paper's Fig. 2 / Fig. 3 layers that are bare recipes rather than catalogue entries.
 RECIPE_CHOICES = {
-    "linear_attention": ("uniform", "linear", "GD (one step)", "linear attention"),
+    "linear_attention": ("uniform", "linear", "1 GD step from 0", "linear attention"),
     "rls": ("uniform", "linear", "exact", "exact second order"),
     "delta_rule": ("uniform", "linear", "online SGD", "online SGD"),
     "softmax": ("local", "local polynomial p=0", "exact", "nonparametric"),
@@ -110,7 +111,7 @@ def _axis_table(rows: list[dict], score: str, higher_better: bool, fmt) -> str:
     for axis in AXES:
         groups = defaultdict(list)
         for r in rows:
-            if r[score] is not None:
+            if r[score] is not None and r["family"] != "baseline":
                 groups[r[axis]].append(r)
         for value, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
             vals = [r[score] for r in rs]
@@ -260,7 +261,7 @@ def plot_regression(rows: list[dict], out_dir: Path) -> list[Path]:
         vr = [r for r in rows if r["variant"] == variant]
         fig, (ax,) = _figure(1, width=9, height=5)
         for r in vr:
-            curve = [float("nan") if x is None else x for x in r["curve"]]
+            curve = [x if x is not None and math.isfinite(x) else math.nan for x in r["curve"]]
             paper = r["source"] == "paper"
             ax.plot(range(1, len(curve) + 1), curve, lw=2.0 if paper else 0.9,
                     ls="-" if paper else "--", color=FAMILY_COLORS.get(r["family"]),
