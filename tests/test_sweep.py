@@ -18,6 +18,7 @@ import torch
 from ttr import catalog
 from ttr.cli import main
 from ttr.experiments import leaderboard
+from ttr.experiments.online_regression import METHODS
 from ttr.experiments.sweep_tasks import (
     MQARRun,
     RegressionRun,
@@ -75,8 +76,9 @@ def test_shipped_experiments_are_valid():
              for name in ("mqar_catalogue", "online_regression_catalogue", "fig2", "fig3")}
     n = len(catalog.names())
     assert sizes["mqar_catalogue"][0] == n * 2 * 2  # every entry, both variants, 2 lrs
-    assert sizes["online_regression_catalogue"][0] == (n + 5) * 3
-    assert sizes["fig2"] == (5, 5)
+    paper = sum(fn is not None for fn in METHODS.values())
+    assert sizes["online_regression_catalogue"][0] == (n + paper) * 3
+    assert sizes["fig2"] == (paper, paper)
 
 
 def test_sweep_runs_everything_once_and_a_rerun_does_nothing(tmp_path):

@@ -43,6 +43,8 @@ from ttr.ops.linear import FORMS as LINEAR_FORMS
 from ttr.ops.linear import SUB_CHUNK, linear_attention
 from ttr.ops.local import FORMS as LOCAL_FORMS
 from ttr.ops.local import softmax_attention
+from ttr.ops.local_linear import FORMS as LOCAL_LINEAR_FORMS
+from ttr.ops.local_linear import local_linear_attention
 from ttr.ops.momentum import FORMS as MOMENTUM_FORMS
 from ttr.ops.momentum import momentum_delta_rule
 from ttr.ops.rls import FORMS as RLS_FORMS
@@ -110,6 +112,9 @@ OPS = {op.name: op for op in [
     Op("rls", rls, RLS_FORMS, _qkv(), "exact ridge regression, ridge 1, uniform weights",
        {"ridge": 1.0}),
     Op("softmax_attention", softmax_attention, LOCAL_FORMS, _qkv(), "causal SDPA"),
+    Op("local_linear_attention", local_linear_attention, LOCAL_LINEAR_FORMS, _qkv(),
+       "p = 1 (Eq. 52-54), ridge 0.1, bandwidth 2 sqrt(D); blocked: custom backward",
+       {"ridge": 0.1}),
 ]}
 
 # Forms whose time or memory grows too fast for the default sizes (B*H = 16, D = 64) run only
@@ -122,6 +127,7 @@ CAPS = {
                                                     "fwd+bwd at T = 512"),
     ("rls", "parallel"): (2048, "O(T Dk^2) memory: 2 GB per prefix-Gram tensor at T = 8192"),
     ("softmax_attention", "recurrent"): (512, "a Python loop whose backward is O(T^2)"),
+    ("local_linear_attention", "naive"): (4096, "O(T^2 (1 + D)) memory"),
 }
 
 
@@ -132,7 +138,7 @@ def cap(op: str, form: str) -> tuple[int, str] | None:
 # -- analytic FLOP counts -----------------------------------------------------------------------
 # Forward FLOPs of ONE (batch, head), a multiply-add = 2 FLOPs, leading terms only; T tokens,
 # C = min(64, T) chunk, c = 16 sub-chunk, Dk = Dv = D. Forward+backward is counted as 3x the
-# forward (the usual convention: the backward of a matmul is two matmuls).
+# forward (the usual convention: the backward of a matmul is two matmuls) except in FWD_BWD.
 #   linear attention  recurrent  4 T Dk Dv (rank-1 update k v^T + read S^T q), +T Dk Dv decay
 #                     parallel   2 T^2 (Dk + Dv) + 2 T Dk Dv (full T x T QK^T and AV, final
 #                                state); per-dim decay 3 T^2 Dk for the [T, T, Dk] einsum
@@ -157,6 +163,13 @@ def cap(op: str, form: str) -> tuple[int, str] | None:
 #                                C x C Cholesky + triangular inverse, two Woodbury solves (one
 #                                refinement), the refinement residual, the output
 #   softmax           both       T^2 (Dk + Dv): the causal half of QK^T and PV
+#   local linear      blocked    T^2/2 (2 Dk^2 + 2 Dk Dv + 4 Dk + 2 Dv) + T (Dk^3/3 + 2 Dk^2 Dv):
+#                                per (query, visible key) the log-weight and the moments
+#                                w k, w k k^T, w v, w v k^T; per query one Cholesky-sized
+#                                solve; naive: the same on all T^2 pairs. Its backward
+#                                (`FWD_BWD`) is no 2x matmul mirror of the forward: it only
+#                                recomputes the log-weights and takes ~10 (query x key)
+#                                products of width Dk or Dv, T^2/2 (20 Dk + 4 Dv).
 
 
 def _la(T, C, K, V, decay):
@@ -192,6 +205,20 @@ FLOPS: dict[tuple[str, str], Callable[[int, int, int, int], float]] = {
                                                   + 4 * C * K * V),
     ("softmax_attention", "fused"): lambda T, C, K, V: T * T * (K + V),
     ("softmax_attention", "recurrent"): lambda T, C, K, V: T * T * (K + V),
+}
+
+
+def _local_linear(T, K, V, pairs):
+    return pairs * (2 * K * K + 2 * K * V + 4 * K + 2 * V) + T * (K**3 / 3 + 2 * K * K * V)
+
+
+FLOPS[("local_linear_attention", "blocked")] = \
+    lambda T, C, K, V: _local_linear(T, K, V, T * T / 2)
+FLOPS[("local_linear_attention", "naive")] = lambda T, C, K, V: _local_linear(T, K, V, T * T)
+# Forward+backward FLOPs where they are not 3x the forward.
+FWD_BWD: dict[tuple[str, str], Callable[[int, int, int, int], float]] = {
+    ("local_linear_attention", "blocked"):
+        lambda T, C, K, V: _local_linear(T, K, V, T * T / 2) + T * T / 2 * (20 * K + 4 * V),
 }
 
 
@@ -400,7 +427,10 @@ def run(config: BenchConfig, command: str = "", progress: bool = True) -> dict:
             row.fwd_bwd_ms, row.fwd_bwd_min_ms, row.fwd_bwd_max_ms = res["fwd_bwd"]
             row.peak_mb, row.rel_err = res["peak_mb"], res.get("rel_err")
             row.gflops_fwd = row.gflop / row.fwd_ms * 1e3
-            row.gflops_fwd_bwd = 3 * row.gflop / row.fwd_bwd_ms * 1e3
+            fb = FWD_BWD.get((row.op, row.form))
+            total = (config.heads * fb(row.T, min(CHUNK, row.T), config.d, config.d) / 1e9
+                     if fb else 3 * row.gflop)
+            row.gflops_fwd_bwd = total / row.fwd_bwd_ms * 1e3
             row.pct_matmul_fwd = 100 * row.gflops_fwd / rates[dt]
             if compiled:
                 row.note = f"compile + first call {res['warmup_s']:.1f} s"

@@ -168,11 +168,12 @@ def bench(
         "--op", metavar="NAME",
         help="Op to time (repeatable) [default: all]: linear_attention, "
              "linear_attention_scalar, linear_attention_per_dim, delta_rule, gated_delta_rule, "
-             "delta_product, momentum_delta_rule, rls, softmax_attention.")] = None,
+             "delta_product, momentum_delta_rule, rls, softmax_attention, "
+             "local_linear_attention.")] = None,
     form: Annotated[list[str] | None, _opt(
         "--form", metavar="NAME",
         help="Form to time (repeatable) [default: all forms of each op]: recurrent, parallel, "
-             "chunk, chunk_recurrent, fused.")] = None,
+             "chunk, chunk_recurrent, fused, naive, blocked.")] = None,
     T: Annotated[Ints, _opt("--T", metavar="N",
                             help="Sequence length (repeatable) [default: 512 2048 8192].")] = None,
     d: Annotated[int, _opt("--d", metavar="N", help="Head dimension Dk = Dv.")] = 64,

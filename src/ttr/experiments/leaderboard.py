@@ -38,6 +38,8 @@ RECIPE_CHOICES = {
     "delta_rule": ("uniform", "linear", "online SGD", "online SGD"),
     "softmax": ("local", "local polynomial p=0", "exact", "nonparametric"),
     "local_linear": ("local", "local polynomial p=1", "exact", "nonparametric"),
+    "kernel_regression": ("uniform", "kernel", "exact", "nonparametric"),
+    "unnormalized_softmax": ("uniform", "kernel", "1 GD step from 0", "nonparametric"),
     "naive": ("-", "-", "-", "baseline"),
 }
 FAMILY_COLORS = {"linear attention": "tab:blue", "geometric decay": "tab:orange",

@@ -1,6 +1,7 @@
 """Paper Fig. 2 (Section 5) at full scale: linear attention, RLS, softmax attention (p = 0),
-local linear attention (p = 1) and the naive forecaster on the switching AR process, T = 256,
-d = 64, 512 sequences (quick: 32), one run per method."""
+local linear attention (p = 1), kernel ridge regression and unnormalized softmax (Eq. 43, 47)
+and the naive forecaster on the switching AR process, T = 256, d = 64, 512 sequences (quick:
+32), one run per method."""
 
 from ttr.experiments.online_regression import METHODS
 
