@@ -89,7 +89,8 @@ def regression_rows(records: list[dict]) -> list[dict]:
                          seeds=c["seeds"], **{k: res[k] for k in (
                              "first_quarter", "first_quarter_stderr", "rest", "rest_stderr",
                              "all", "all_stderr", "raw_first_quarter", "raw_rest")},
-                         curve=res["loss_mean"], **choices(c["method"], c["source"])))
+                         curve=res["loss_mean"], raw_curve=res["raw_loss_mean"],
+                         **choices(c["method"], c["source"])))
     return sorted(rows, key=lambda x: (x["variant"], _sort_loss(x["all"])))
 
 
@@ -175,7 +176,7 @@ def _regression_section(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _write_csv(path: Path, rows: list[dict], drop=("curve",)) -> None:
+def _write_csv(path: Path, rows: list[dict], drop=("curve", "raw_curve")) -> None:
     cols = [k for k in rows[0] if k not in drop]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
@@ -258,25 +259,40 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 def plot_regression(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Per variant: the direction-normalized loss (left) and the raw loss as the paper's Fig. 2
+    scores it (right; curves above OFF_CHART, the unnormalized outputs, are left out)."""
+    from ttr.experiments.online_regression import OFF_CHART
+
     written = []
     for variant in sorted({r["variant"] for r in rows}):
         vr = [r for r in rows if r["variant"] == variant]
-        fig, (ax,) = _figure(1, width=9, height=5)
-        for r in vr:
-            curve = [x if x is not None and math.isfinite(x) else math.nan for x in r["curve"]]
-            paper = r["source"] == "paper"
-            ax.plot(range(1, len(curve) + 1), curve, lw=2.0 if paper else 0.9,
-                    ls="-" if paper else "--", color=FAMILY_COLORS.get(r["family"]),
-                    label=r["layer"], alpha=0.9)
-        T = len(vr[0]["curve"])
-        if variant != "stationary":
-            ax.axvline(T // 4, color="k", lw=0.8, ls=":")
-        ax.set_yscale("log")
-        ax.set(xlabel="t", ylabel="|v_{t+1} - y_t/|y_t||^2 (mean over sequences)",
-               title=f"online regression, {variant} variant (colour: family; solid: paper "
-                     f"methods)")
-        ax.grid(alpha=0.3)
-        fig.legend(fontsize=6, ncols=2, loc="outside right upper")
+        fig, axes = _figure(2, width=6.5, height=5)
+        for ax, key, ylabel in ((axes[0], "curve", "|v_{t+1} - y_t/|y_t||^2"),
+                                (axes[1], "raw_curve", "|v_{t+1} - y_t|^2 (raw)")):
+            off = []
+            for r in vr:
+                curve = [x if x is not None and math.isfinite(x) else math.nan
+                         for x in r[key]]
+                if key == "raw_curve" and not max(curve, default=0) <= OFF_CHART:
+                    off.append(r["layer"])
+                    continue
+                paper = r["source"] == "paper"
+                # few lines: a colour each; many: a colour per family
+                color = FAMILY_COLORS.get(r["family"]) if len(vr) > 10 else None
+                ax.plot(range(1, len(curve) + 1), curve, lw=2.0 if paper else 0.9,
+                        ls="-" if paper else "--", color=color, label=r["layer"], alpha=0.9)
+            if variant != "stationary":
+                ax.axvline(len(vr[0]["curve"]) // 4, color="k", lw=0.8, ls=":")
+            if off:
+                ax.text(0.99, 0.01, "off the chart: " + ", ".join(off), fontsize=6,
+                        transform=ax.transAxes, ha="right", va="bottom", wrap=True)
+            ax.set_yscale("log")
+            ax.set(xlabel="t", ylabel=f"{ylabel} (mean over sequences)")
+            ax.grid(alpha=0.3)
+        how = "colour: family; " if len(vr) > 10 else ""
+        fig.suptitle(f"online regression, {variant} variant ({how}solid: paper methods; "
+                     f"dotted: the switch)")
+        _legend(fig, axes)
         written.append(out_dir / f"regression_{variant}.png")
         fig.savefig(written[-1], dpi=110)
     return written
