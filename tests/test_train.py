@@ -225,3 +225,21 @@ def test_compare_runs_table_and_curves(tmp_path, reference, capsys):
     assert (report / "lm_curves.png").stat().st_size > 0
     assert main(["compare-runs", str(tmp_path / "nothing"), "--out", str(report)]) == 1
     assert "RUN_DIR" in capsys.readouterr().err
+
+
+def test_tensorboard_scalars_equal_the_csv(tmp_path):
+    """With the `tb` extra installed, out_dir/tb holds the same scalars as log.csv."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb_run"
+    run(config(out, steps=6, eval_every=3), progress=False)
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    rows = read_log(out / "log.csv")
+    loss = {e.step: e.value for e in acc.Scalars("train_loss")}
+    assert sorted(loss) == [int(r["step"]) for r in rows]
+    assert all(loss[int(r["step"])] == pytest.approx(r["train_loss"], rel=1e-6) for r in rows)
+    bpb = {e.step: e.value for e in acc.Scalars("val_bpb")}
+    assert bpb == pytest.approx({int(r["step"]): r["val_bpb"] for r in rows
+                                 if r["val_bpb"] is not None}, rel=1e-6)
