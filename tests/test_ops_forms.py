@@ -338,19 +338,23 @@ def test_rls_parallel_long_decay():
     assert_close(o32, o_rec)
 
 
+@pytest.mark.parametrize("per_dim", [False, True], ids=["scalar", "per_dim"])
 @pytest.mark.parametrize("form", ["chunk", "parallel"])
 @pytest.mark.parametrize("g_value", [-20.0, -5.0, -0.01])
-def test_linear_attention_decay_gradient_float32(form, g_value):
-    """Under strong scalar decay the gradient w.r.t. g is tiny; float32 forms must still get it
-    right (segment sums, not differences of cumulative sums: see linear._segment_sums)."""
+def test_linear_attention_decay_gradient_float32(form, g_value, per_dim):
+    """Under strong decay the gradient w.r.t. g is tiny; float32 forms must still get it right
+    (segment sums, not differences of cumulative sums: see linear._segment_sums), for a scalar
+    and a per-dimension decay (chunk: across and within GLA's sub-chunks)."""
     gen = torch.Generator().manual_seed(0)
     B, T, H, D = 1, 50, 2, 4
     q, k, v, w = (torch.randn(B, T, H, D, generator=gen, dtype=F64) for _ in range(4))
-    g = g_value * (0.5 + torch.rand(B, T, H, generator=gen, dtype=F64))
+    shape = (B, T, H, D) if per_dim else (B, T, H)
+    g = g_value * (0.5 + torch.rand(*shape, generator=gen, dtype=F64))
     grads = {}
     for name, dtype, f in (("ref", F64, "recurrent"), ("fast", F32, form)):
         gg = g.detach().to(dtype).clone().requires_grad_()
-        o, _ = linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), gg, form=f, chunk_size=16)
+        o, _ = linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), gg, form=f,
+                                chunk_size=32 if per_dim else 16)
         (o * w.to(dtype)).sum().backward()
         grads[name] = gg.grad
     assert_close(grads["fast"], grads["ref"], tol=1e-4, what=f"{form} dL/dg at g={g_value}")

@@ -172,23 +172,6 @@ def _recurrent(q, k, v, g, s0):
     return scan(_step, S, q, k, v, g)
 
 
-def _decay_matrix(a: torch.Tensor, b: torch.Tensor, per_dim: bool) -> torch.Tensor:
-    """exp(a_t - b_i) for i <= t and 0 above the diagonal, from cumulative log-decays.
-
-    a, b: [..., T] -> [..., T, T], or per dimension [..., T, D] -> [..., T, T, D]. The mask is
-    applied to the exponent (-inf), so exp only ever sees non-positive numbers.
-    """
-    if per_dim:
-        diff = a.unsqueeze(-2) - b.unsqueeze(-3)  # [..., T, T, D]
-        T = a.shape[-2]
-        mask = torch.ones(T, T, dtype=torch.bool, device=a.device).tril().unsqueeze(-1)
-    else:
-        diff = a.unsqueeze(-1) - b.unsqueeze(-2)  # [..., T, T]
-        T = a.shape[-1]
-        mask = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
-    return torch.exp(torch.where(mask, diff, float("-inf")))
-
-
 def _parallel(q, k, v, g, s0):
     """Quadratic form. With G_t = sum_{j<=t} g_j (inclusive cumsum):
 
@@ -209,17 +192,14 @@ def _parallel(q, k, v, g, s0):
     G = torch.cumsum(g.transpose(1, 2), dim=2)  # [B, H, T] or [B, H, T, Dk]
     # 1. intra-sequence scores with the decay folded in
     if per_dim:
-        A = torch.einsum("bhtd,bhid,bhtid->bhti", q, k, _decay_matrix(G, G, True))
+        L = _segment_sums_dim(g.transpose(1, 2))  # [B, H, T, T, Dk]
+        A = torch.einsum("bhtd,bhid,bhtid->bhti", q, k, torch.exp(L))
     else:
         A = (q @ k.mT) * torch.exp(_segment_sums(g.transpose(1, 2)))  # [B, H, T, T]
     o = A @ v  # [B, H, T, Dv]
     # 2. final state: each key decayed from its step to T (exponent G_T - G_i <= 0; for scalar
     # decay summed over the segment, see _segment_sums)
-    if per_dim:
-        w = torch.exp(G[:, :, -1:] - G)  # [B, H, T, Dk]
-    else:
-        gs = F.pad(g.transpose(1, 2)[..., 1:], (0, 1))  # [B, H, T]: g_{i+1}, ..., g_T, 0
-        w = torch.exp(gs.flip(-1).cumsum(-1).flip(-1))  # [B, H, T]
+    w = torch.exp(_after(g.transpose(1, 2), per_dim))  # [B, H, T, Dk] or [B, H, T]
     S = (k * (w if per_dim else w.unsqueeze(-1))).mT @ v  # [B, H, Dk, Dv]
     # 3. the initial state, decayed by exp(G_t) from the start
     if s0 is not None:
@@ -264,19 +244,19 @@ def chunk_linear_attention(q, k, v, g, s0, C):
     if g is None:
         A = (q @ k.mT).tril()  # [B, H, n, C, C]
     elif per_dim:
-        A = _intra_chunk_per_dim(q, k, b)
+        A = _intra_chunk_per_dim(q, k, chunks(g))
     else:
         A = (q @ k.mT) * torch.exp(_segment_sums(chunks(g)))  # [B, H, n, C, C]
     o = A @ v  # [B, H, n, C, Dv]
 
     # 3. what each chunk adds to the state, decayed to the chunk end (exponent b_C - b_i <= 0)
-    if g is None or per_dim:
-        to_end = b_last.unsqueeze(3) - b  # [B, H, n, C, Dk|1]
+    if g is None:
+        to_end = b  # zeros
     else:
         # sum_{j > i} g_j as a reverse cumsum of the shifted gates, not b_C - b_i (see
         # _segment_sums for why the difference is avoided)
-        gs = F.pad(chunks(g)[..., 1:], (0, 1))  # [B, H, n, C]: g_{i+1}, ..., g_C, 0
-        to_end = gs.flip(-1).cumsum(-1).flip(-1).unsqueeze(-1)
+        to_end = _after(chunks(g), per_dim)
+        to_end = to_end if per_dim else to_end.unsqueeze(-1)  # [B, H, n, C, Dk|1]
     U = (k * torch.exp(to_end)).mT @ v  # [B, H, n, Dk, Dv]
 
     # 4. state passing: S entering chunk c+1 = diag(exp(b_C)) S entering chunk c + U_c
@@ -312,31 +292,58 @@ def _segment_sums(g: torch.Tensor) -> torch.Tensor:
     return L.masked_fill(~causal, float("-inf"))
 
 
-def _intra_chunk_per_dim(q, k, b):
-    """Scores A[t, i] = sum_d q_td k_id exp(b_td - b_id) (i <= t) for per-dimension decay.
+def _segment_sums_dim(g: torch.Tensor) -> torch.Tensor:
+    """Per-dimension `_segment_sums`: g [..., C, Dk] -> L [..., C(t), C(i), Dk]."""
+    return _segment_sums(g.transpose(-1, -2)).permute(*range(g.ndim - 2), -2, -1, -3)
+
+
+def _after(g: torch.Tensor, per_dim: bool) -> torch.Tensor:
+    """sum_{j > i} g_j along the time axis (-2 if per_dim else -1), as a reverse cumsum of the
+    shifted gates g_{i+1}, ..., g_C, 0 -- not the difference b_C - b_i (see _segment_sums)."""
+    dim = -2 if per_dim else -1
+    shifted = torch.cat([g.narrow(dim, 1, g.shape[dim] - 1),
+                         torch.zeros_like(g.narrow(dim, 0, 1))], dim)
+    return shifted.flip(dim).cumsum(dim).flip(dim)
+
+
+def _intra_chunk_per_dim(q, k, g):
+    """Scores A[t, i] = sum_d q_td k_id exp(b_td - b_id) (i <= t) for per-dimension decay,
+    b the cumulative log-decay in the chunk; q, k, g: [B, H, n, C, Dk] -> A [B, H, n, C, C].
 
     The factorization exp(b_t - b_i) = exp(b_t) exp(-b_i) overflows once a chunk decays by more
     than ~e^88, so we split each chunk into sub-chunks of c steps (GLA's secondary chunking):
-      - across sub-chunks (i in an earlier sub-chunk than t) factor through r_I, the cumulative
-        decay just before t's sub-chunk I: exp(b_t - r_I) * exp(r_I - b_i), both factors <= 1;
+      - across sub-chunks (i in sub-chunk J before t's sub-chunk I) factor through the start of
+        sub-chunk I: exp(sum of g over I up to t) * exp(sum of g over (i, start of I)), both
+        factors <= 1;
       - within a sub-chunk use the masked [c, c, Dk] form.
-    q, k, b: [B, H, n, C, Dk] -> A [B, H, n, C, C]. Memory O(C^2 Dk / c + C c Dk) per chunk.
+    Every exponent is a sum of the gates over its own segment (in-sub-chunk cumsums, and
+    segment sums of whole sub-chunks), never a difference of cumulative sums: the difference's
+    backward leaves rounding noise of size eps * exp(.) in dL/dg (see _segment_sums), which
+    swamped the true gradient under strong decay (float32, g = -20: relative error ~1).
+    Memory O(C^2 Dk / c + C c Dk) per chunk.
     """
     C = q.shape[3]
     c = max(d for d in range(1, min(SUB_CHUNK, C) + 1) if C % d == 0)
     m = C // c
     lead = q.shape[:3]
-    qs, ks, bs = (x.reshape(*lead, m, c, x.shape[-1]) for x in (q, k, b))  # [B, H, n, m, c, Dk]
-    # 1. r_I = b just before sub-chunk I (0 before the chunk start)
-    r = torch.cat([torch.zeros_like(bs[:, :, :, :1, 0]), bs[:, :, :, :-1, -1]], dim=3)
-    # 2. queries decayed to r_I, keys decayed from r_I (masked to keys before sub-chunk I)
-    q_dec = qs * torch.exp(bs - r.unsqueeze(4))  # [B, H, n, m, c, Dk]
-    before = torch.arange(C, device=q.device) < (torch.arange(m, device=q.device) * c)[:, None]
-    expo = torch.where(before.unsqueeze(-1), r.unsqueeze(4) - b.unsqueeze(3), float("-inf"))
-    k_dec = k.unsqueeze(3) * torch.exp(expo)  # [B, H, n, m, C, Dk]
+    qs, ks, gs = (x.reshape(*lead, m, c, x.shape[-1]) for x in (q, k, g))  # [B, H, n, m, c, Dk]
+    # 1. queries decayed to the start of their sub-chunk I: exp(sum_{j in I, j <= t} g_j)
+    q_dec = qs * torch.exp(gs.cumsum(4))  # [B, H, n, m, c, Dk]
+    # 2. keys in sub-chunk J decayed to the start of sub-chunk I > J: the rest of J after i,
+    #    plus the whole sub-chunks strictly between J and I
+    rest = _after(gs, per_dim=True)  # [B, H, n, m(J), c, Dk]
+    totals = gs.sum(4)  # [B, H, n, m, Dk]
+    between = _segment_sums_dim(totals)  # [.., m(I'), m(J), Dk] = sum_{J < K <= I'} totals_K
+    # I = I' + 1; for J >= I the entry is masked to -inf (no such key counts)
+    between = torch.cat([torch.full_like(between[..., :1, :, :], float("-inf")),
+                         between[..., :-1, :, :]], dim=-3)  # [.., m(I), m(J), Dk]
+    before = torch.ones(m, m, dtype=torch.bool, device=q.device).tril(-1)  # J < I
+    between = between.masked_fill(~before[:, :, None], float("-inf"))
+    expo = rest.unsqueeze(3) + between.unsqueeze(-2)  # [B, H, n, m(I), m(J), c, Dk]
+    k_dec = (ks.unsqueeze(3) * torch.exp(expo)).reshape(*lead, m, C, q.shape[-1])
     A_off = (q_dec @ k_dec.mT).reshape(*lead, C, C)  # [B, H, n, C, C]
-    # 3. diagonal sub-chunk blocks, masked [c, c, Dk] form
-    A_diag = torch.einsum("...td,...id,...tid->...ti", qs, ks, _decay_matrix(bs, bs, True))
+    # 3. diagonal sub-chunk blocks, masked [c, c, Dk] form with per-dimension segment sums
+    A_diag = torch.einsum("...td,...id,...tid->...ti", qs, ks, torch.exp(_segment_sums_dim(gs)))
     eye = torch.eye(m, dtype=q.dtype, device=q.device)
     A_diag = torch.einsum("...Iti,IJ->...ItJi", A_diag, eye).reshape(*lead, C, C)
     return A_off + A_diag
