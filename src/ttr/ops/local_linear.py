@@ -64,7 +64,7 @@ PINV_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=None,
                            output_final_state=False, cu_seqlens=None, form="blocked",
-                           block_size=64, causal=True):
+                           block_size=256, causal=True):
     """Causal local linear regression attention (p = 1 local polynomial, Eq. 52-54).
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; bandwidth: float > 0 (default 2 sqrt(Dk));
@@ -72,6 +72,8 @@ def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=
     V [B, Tc, H, Dv]). With cu_seqlens, initial_state is a pair with leading dim N or a list
     of N pairs, and the final state is a list of N pairs (as in `softmax_attention`).
     causal=False fits every query to all keys of the call and the cache (non-causal).
+    block_size: queries and keys per block of the blocked form (256: larger blocks make larger
+    matmuls; measured single-thread at T = 2048, D = 64: 15.8 GFLOP/s at 64, 20.7 at 256).
     Returns o [B, T, H, Dv] (dtype of q) and the final cache or None.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
