@@ -329,19 +329,14 @@ def write(out_dir: Path, command: str = "") -> dict:
     if planned and len(records) < planned:
         lines += [f"**Partial:** {planned - len(records)} runs have not finished; rerun the "
                   "sweep command to finish them (finished runs are skipped).", ""]
-    if mq:
-        lines += _mqar_section(mq)
-        _write_csv(out_dir / "mqar.csv", mq)
-        files["mqar_csv"] = out_dir / "mqar.csv"
-        for p in plot_mqar(mq, out_dir):
-            files[p.stem] = p
-            lines.append(f"![{p.stem}]({p.name})")
-        lines.append("")
-    if rg:
-        lines += _regression_section(rg)
-        _write_csv(out_dir / "regression.csv", rg)
-        files["regression_csv"] = out_dir / "regression.csv"
-        for p in plot_regression(rg, out_dir):
+    for name, rows, section, plot in (("mqar", mq, _mqar_section, plot_mqar),
+                                      ("regression", rg, _regression_section, plot_regression)):
+        if not rows:
+            continue
+        lines += section(rows)
+        _write_csv(out_dir / f"{name}.csv", rows)
+        files[f"{name}_csv"] = out_dir / f"{name}.csv"
+        for p in plot(rows, out_dir):
             files[p.stem] = p
             lines.append(f"![{p.stem}]({p.name})")
         lines.append("")

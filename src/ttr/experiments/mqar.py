@@ -223,13 +223,30 @@ def _schedule(step: int, steps: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - n_warm) / max(1, steps - n_warm)))
 
 
+def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW as zoology trains MQAR: weight decay on matrices only, betas (0.9, 0.98)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, inputs: torch.Tensor,
+               targets: torch.Tensor) -> float:
+    """One step on the target positions (cross-entropy, gradient norm clipped at 1)."""
+    mask = targets != IGNORE  # [B, T]
+    loss = F.cross_entropy(model(inputs, mask), targets[mask])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def train(model: MQARModel, config: MQARConfig, num_pairs: int, seq_len: int, lr: float,
           bar=None) -> float:
     """Train in place; returns the final training loss (mean of the last 10 steps)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    opt = adamw(model, lr, config.weight_decay)
     gen = torch.Generator().manual_seed(_seed(config.seed, "train", num_pairs, seq_len))
     pool = None
     if config.n_train is not None:
@@ -244,17 +261,11 @@ def train(model: MQARModel, config: MQARConfig, num_pairs: int, seq_len: int, lr
         else:
             idx = torch.randint(0, config.n_train, (config.batch_size,), generator=gen)
             inputs, targets = pool[0][idx], pool[1][idx]
-        mask = targets != IGNORE  # [B, T]
-        loss = F.cross_entropy(model(inputs, mask), targets[mask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(train_step(model, opt, inputs, targets))
         if bar is not None:
             bar.update(1)
             if step % 20 == 0 or step == config.steps - 1:
-                bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
+                bar.set_postfix_str(f"loss {losses[-1]:.3f}", refresh=False)
     return sum(losses[-10:]) / len(losses[-10:])
 
 

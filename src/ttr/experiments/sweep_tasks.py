@@ -197,8 +197,15 @@ class CatalogMQARModel(nn.Module):
 def run_mqar(run: MQARRun, progress: Callable[[int, int], None]) -> dict:
     """Train with AdamW (linear warmup, cosine decay; weight decay on matrices) on fresh
     sequences every step; evaluate on n_test held-out sequences. Seeded by the config alone."""
-    from ttr.experiments.mqar import MQARModel, _schedule, _seed, evaluate, layer_recipe
-    from ttr.tasks.mqar import IGNORE
+    from ttr.experiments.mqar import (
+        MQARModel,
+        _schedule,
+        _seed,
+        adamw,
+        evaluate,
+        layer_recipe,
+        train_step,
+    )
 
     key = (run.seed, run.variant, run.num_pairs, run.seq_len, run.vocab)
     torch.manual_seed(_seed(*key, "init", run.layer, run.d_model))
@@ -209,25 +216,14 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None]) -> dict:
     else:
         model = CatalogMQARModel(run)
         state = model.state_floats(run.seq_len)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=run.lr,
-                            betas=(0.9, 0.98))
+    opt = adamw(model, run.lr, run.weight_decay)
     gen = torch.Generator().manual_seed(_seed(*key, "train"))
     start, losses = time.perf_counter(), []
     model.train()
     for step in range(run.steps):
         for group in opt.param_groups:
             group["lr"] = run.lr * _schedule(step, run.steps, run.warmup)
-        inputs, targets = run.data(run.batch_size, run.seq_len, gen)
-        mask = targets != IGNORE
-        loss = F.cross_entropy(model(inputs, mask), targets[mask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(train_step(model, opt, *run.data(run.batch_size, run.seq_len, gen)))
         progress(step + 1, run.steps)
     seconds = time.perf_counter() - start
     test = run.data(run.n_test, run.seq_len, torch.Generator().manual_seed(_seed(*key, "test")))
