@@ -196,3 +196,45 @@ def test_gqa_shares_key_value_heads():
     assert gqa.k_proj.out_features == 6 and full.k_proj.out_features == 12
     x = inputs(dtype=F64)
     assert_close(gqa(x)[0], full(x)[0], dtype=F64)
+
+
+# -- rotary position embeddings -----------------------------------------------------------------
+
+def test_rotary_keeps_norms_and_sees_relative_positions():
+    from ttr.nn.rope import rotary
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, 1, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    assert torch.allclose(rotary(q, 5, 100.0).norm(), q.norm())
+    # <R_t q, R_i k> depends on t - i only
+    dots = [(rotary(q, t, 100.0) * rotary(k, i, 100.0)).sum() for t, i in ((7, 3), (12, 8),
+                                                                         (4, 0))]
+    assert torch.allclose(torch.stack(dots), dots[0].expand(3))
+    assert not torch.allclose((rotary(q, 7, 100.0) * rotary(k, 2, 100.0)).sum(), dots[0])
+
+
+@pytest.mark.parametrize("name", ["softmax_attention", "gated_deltanet"])
+def test_rope_split_and_step_equal_one_pass(name):
+    from ttr import catalog
+
+    torch.manual_seed(0)
+    m = catalog.get(name, d_model=16, n_heads=2, rope=10000.0).double()
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    y, _ = m(x)
+    y1, s = m(x[:, :4])
+    y2, s = m(x[:, 4:9], s)
+    steps = []
+    for t in range(9, 11):
+        y_t, s = m.step(x[:, t], s)
+        steps.append(y_t)
+    assert torch.allclose(torch.cat([y1, y2, torch.stack(steps, 1)], 1), y, atol=1e-10)
+    plain = catalog.get(name, d_model=16, n_heads=2).double()
+    plain.load_state_dict(m.state_dict())
+    assert not torch.allclose(plain(x)[0], y)  # the rotation changes what the memory sees
+
+
+def test_rope_needs_an_even_key_dimension():
+    with pytest.raises(ValueError, match="MixerConfig.rope: rotary"):
+        MixerConfig(d_model=12, n_heads=4, rope=10000.0)  # d_key 3
+    with pytest.raises(ValueError, match="MixerConfig.rope: expected None or a base"):
+        MixerConfig(d_model=16, rope=True)

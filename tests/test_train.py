@@ -211,6 +211,13 @@ def test_cli_train(tmp_path, capsys):
     assert "incompatible: steps=2 there, 3 here" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "x"), "--pattern", "nope"]) == 1
     assert "LMConfig.pattern" in capsys.readouterr().err
+    rope = tmp_path / "rope"
+    assert main([*args[:2], str(rope), *args[3:], "--mixer", "rope=10000"]) == 0
+    saved = torch.load(rope / "checkpoint.pt", weights_only=True)["config"]["model"]
+    assert saved["mixer_overrides"] == {"rope": 10000}
+    capsys.readouterr()
+    assert main([*args[:2], str(tmp_path / "y"), *args[3:], "--mixer", "rope"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
 
 
 def test_compare_runs_table_and_curves(tmp_path, reference, capsys):

@@ -389,6 +389,10 @@ def train(
                                          help="Layers [default: 4].")] = None,
     n_heads: Annotated[int | None, _opt("--n-heads", metavar="N",
                                         help="Heads per mixer [default: 4].")] = None,
+    mixer: Annotated[list[str] | None, _opt(
+        "--mixer", metavar="KEY=VALUE",
+        help="A MixerConfig field or catalogue option for every layer, the value as JSON "
+             "(repeatable), e.g. --mixer rope=10000.")] = None,
     steps: Annotated[int | None, _opt("--steps", metavar="N",
                                       help="Optimizer steps [default: 1000].")] = None,
     batch_size: Annotated[int | None, _opt(
@@ -423,7 +427,8 @@ def train(
     from ttr import train as t
 
     model = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                 pattern=tuple(pattern) if pattern else None)
+                 pattern=tuple(pattern) if pattern else None,
+                 mixer_overrides=_key_values("--mixer", mixer) if mixer else None)
     given = dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
                  weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
                  eval_batches=eval_batches, ckpt_every=ckpt_every, max_bytes=max_bytes)
@@ -437,6 +442,22 @@ def train(
                    f"{result['train_loss']:.4f}, val bpb {result['val_bpb']:.4f}"
                    f"{' (stopped by signal; checkpointed)' if result['stopped'] else ''}; "
                    f"wrote {out / 'log.csv'}")
+
+
+def _key_values(option: str, items: list[str]) -> dict:
+    """KEY=VALUE strings -> a dict; VALUE is JSON (10000, true, "rms"), else the bare string."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _error(message: str, code: int) -> int:

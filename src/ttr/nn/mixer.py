@@ -36,6 +36,7 @@ from ttr.nn.conv import ShortConv
 from ttr.nn.feature_map import FeatureMap
 from ttr.nn.gates import SigmoidDecay, StepSize
 from ttr.nn.memory import MEMORIES, NO_NON_CAUSAL
+from ttr.nn.rope import rotary
 from ttr.recipe import Recipe
 
 NORMS = (None, "rms", "layer")
@@ -58,7 +59,9 @@ class MixerConfig:
     z^T phi(q), z = the memory of ones (linear attention's normalizer, Eq. 13). output_norm:
     None, "rms" or "layer" per head. output_gate: None, "silu" or "sigmoid" of a projection of
     x. skip: Mamba-2's D v_t term. form: the op's algorithm (None = its default). causal=False:
-    every query reads the memory of the whole sequence.
+    every query reads the memory of the whole sequence. rope: the base of rotary position
+    embeddings on q and k (`ttr.nn.rope`, e.g. 10000.0; None = none), applied after the gates
+    and before the feature map.
     """
 
     d_model: int
@@ -80,6 +83,7 @@ class MixerConfig:
     bias: bool = False
     form: str | None = None
     causal: bool = True
+    rope: float | None = None
 
     def __post_init__(self):
         _int("d_model", self.d_model, 1)
@@ -109,6 +113,14 @@ class MixerConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MixerConfig.{name}: expected one of {list(allowed)}, got "
                                  f"{getattr(self, name)!r}")
+        if self.rope is not None:
+            if isinstance(self.rope, bool) or not isinstance(self.rope, (int, float)) \
+                    or not self.rope > 1:
+                raise ValueError(f"MixerConfig.rope: expected None or a base > 1 (e.g. 10000.0), "
+                                 f"got {self.rope!r}")
+            if self.dk % 2:
+                raise ValueError(f"MixerConfig.rope: rotary embeddings rotate pairs of key "
+                                 f"coordinates; expected an even d_key, got {self.dk}")
         for name in ("feature_map", "form"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise TypeError(f"MixerConfig.{name}: expected None or a str, got "
@@ -248,6 +260,9 @@ class Mixer(nn.Module):
         inputs: dict[str, Any] = {}
         for gate in self.gates:
             q, k, v, inputs = gate(x, q, k, v, inputs)
+        if c.rope is not None:  # relative positions for the memory's comparisons of q with k
+            q = rotary(q, st.position, c.rope)
+            k = rotary(k, st.position, c.rope) if k is not None else None
         if self.feature is not None:
             q, k = self.feature(q, st.position), self.feature(k, st.position)
         if c.normalize:
