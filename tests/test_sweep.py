@@ -180,3 +180,41 @@ def test_report_of_a_partial_sweep_says_so(tmp_path):
     assert "Runs finished: 1 of 2" in text and "Partial" in text
     path.unlink()  # the experiment file is gone: the report counts what it has
     assert "Runs finished: 1;" in leaderboard.write(out)["leaderboard"].read_text()
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, monkeypatch):
+    """A run that raises leaves no result file and does not stop the others; the sweep ends
+    with SweepFailed naming it, and a rerun retries only that run. (fork, so that the workers
+    inherit the patched task.)"""
+    import ttr.experiments.sweep_tasks as st
+    from ttr import sweep
+    from ttr.sweep import SweepFailed
+
+    runs = [dict(TINY_REG, method=m, source="paper") for m in ("rls", "softmax", "naive")]
+    path = _experiment(tmp_path, runs)
+    out = tmp_path / "out"
+    original = st.run_regression
+
+    def flaky(run, progress):
+        if run.method == "softmax":
+            raise RuntimeError("boom")
+        return original(run, progress)
+
+    monkeypatch.setattr(st, "run_regression", flaky)
+    said = []
+    with pytest.raises(SweepFailed, match="1 of 3 runs failed.*softmax"):
+        sweep.run_sweep(get_experiment(str(path)), out, workers=2, progress=False,
+                        log=said.append, start_method="fork")
+    assert len(finished(out)) == 2
+    monkeypatch.setattr(st, "run_regression", original)
+    summary = sweep.run_sweep(get_experiment(str(path)), out, workers=1, progress=False,
+                              log=said.append, start_method="fork")
+    assert (summary["ran"], summary["skipped"]) == (1, 2)
+
+
+def test_a_diverging_mqar_run_is_a_result():
+    run = MQARRun.from_dict({**{k: v for k, v in TINY_MQAR.items() if k != "task"},
+                             "layer": "titans", "lr": 1e6, "steps": 20})
+    result = run_mqar(run, lambda *a: None)
+    assert result["diverged_at_step"] is not None and result["accuracy"] == 0.0
+    assert result["final_loss"] is None

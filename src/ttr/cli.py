@@ -31,6 +31,8 @@ from typing import Annotated
 import typer
 from typer._click import exceptions as click_exceptions
 
+from ttr.sweep import SweepFailed  # light: the sweep's heavy parts load inside its command
+
 app = typer.Typer(
     name="ttr",
     help="Test-time regression layers: reproduce the paper's experiments and run them one "
@@ -476,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(e.format_message(), e.exit_code)
     except typer.Abort:
         return _error("aborted", 1)
-    except (ValueError, OSError) as e:  # our validation (ValueError), unwritable paths
+    except (ValueError, OSError, SweepFailed) as e:  # validation, paths, failed sweep runs
         if os.environ.get("TTR_DEBUG"):
             raise
         return _error(str(e), 1)

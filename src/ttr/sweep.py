@@ -45,6 +45,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
+class SweepFailed(Exception):
+    """Some runs raised; the sweep finished the others. Rerunning retries the failed ones."""
+
+
 @dataclass(frozen=True)
 class Task:
     """A kind of run: `config` is a dataclass with `from_dict` (it validates), `run(config,
@@ -190,9 +194,11 @@ def _work(run: Run, out_dir: str, progress_queue) -> tuple[str, float]:
 
 def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
               workers: int | None = None, progress: bool = True, command: str = "",
-              log: Callable[[str], None] = print) -> dict:
-    """Run every unfinished run of the experiment; returns {"total", "skipped", "ran",
-    "seconds"}. Validation happens before any worker starts."""
+              log: Callable[[str], None] = print, start_method: str = "spawn") -> dict:
+    """Run every unfinished run of the experiment; returns {"total", "skipped", "ran", "failed",
+    "seconds"}. Validation happens before any worker starts. A run that raises is reported
+    and leaves no result file; the others go on, and at the end SweepFailed lists the
+    failed runs (so a rerun retries exactly those). `start_method`: multiprocessing's."""
     runs = plan(experiment, quick)
     out_dir = Path(out_dir)
     name = _name(experiment)
@@ -214,7 +220,8 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
                                           timespec="seconds")})
     done = finished(out_dir)
     todo = [r for r in runs if r.id not in done]
-    summary = {"total": len(runs), "skipped": len(runs) - len(todo), "ran": 0, "seconds": 0.0}
+    summary = {"total": len(runs), "skipped": len(runs) - len(todo), "ran": 0, "failed": [],
+               "seconds": 0.0}
     if not todo:
         log(f"ttr sweep: all {len(runs)} runs of {name} ({mode}) are already in {out_dir}; "
             f"nothing to do")
@@ -226,7 +233,7 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
     workers = max(1, min(workers, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // workers)
     start = time.perf_counter()
-    ctx = mp.get_context("spawn")  # no fork after torch's thread pools exist
+    ctx = mp.get_context(start_method)  # spawn: no fork after torch's thread pools exist
     manager = ctx.Manager() if progress else None
     pq = manager.Queue() if manager else None
     total_bar = tqdm(total=len(runs), initial=summary["skipped"], desc=f"sweep {name}",
@@ -242,8 +249,13 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
                 _drain(pq, bars, free)
                 for fut in ready:
                     run = pending.pop(fut)
-                    fut.result()  # a failing run stops the sweep with its error
-                    summary["ran"] += 1
+                    try:
+                        fut.result()
+                        summary["ran"] += 1
+                    except Exception as e:  # no result file: a rerun retries it
+                        summary["failed"].append(run.file_name)
+                        tqdm.write(f"ttr sweep: run {run.label} failed: {type(e).__name__}: "
+                                   f"{str(e)[:300]}")
                     total_bar.update(1)
                     bar, line = bars.pop(run.id, (None, None))
                     if bar is not None:
@@ -258,6 +270,10 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
     summary["seconds"] = round(time.perf_counter() - start, 1)
     log(f"ttr sweep: ran {summary['ran']} runs in {summary['seconds']:.0f} s "
         f"({summary['skipped']} skipped); results in {out_dir / 'runs'}")
+    if summary["failed"]:
+        raise SweepFailed(f"{len(summary['failed'])} of {len(todo)} runs failed (their errors "
+                           f"are above; rerunning the sweep retries only them): "
+                           f"{', '.join(summary['failed'][:5])}")
     return summary
 
 

@@ -196,7 +196,9 @@ class CatalogMQARModel(nn.Module):
 
 def run_mqar(run: MQARRun, progress: Callable[[int, int], None]) -> dict:
     """Train with AdamW (linear warmup, cosine decay; weight decay on matrices) on fresh
-    sequences every step; evaluate on n_test held-out sequences. Seeded by the config alone."""
+    sequences every step; evaluate on n_test held-out sequences. Seeded by the config alone.
+    A run whose loss or weights become non-finite stops there and scores accuracy 0, with the
+    step recorded (`diverged_at_step`): at the top of a learning-rate sweep that happens."""
     from ttr.experiments.mqar import (
         MQARModel,
         _schedule,
@@ -220,18 +222,29 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None]) -> dict:
     gen = torch.Generator().manual_seed(_seed(*key, "train"))
     start, losses = time.perf_counter(), []
     model.train()
+    diverged = None  # the step at which training blew up (a result, not a crash)
     for step in range(run.steps):
         for group in opt.param_groups:
             group["lr"] = run.lr * _schedule(step, run.steps, run.warmup)
-        losses.append(train_step(model, opt, *run.data(run.batch_size, run.seq_len, gen)))
+        try:
+            loss = train_step(model, opt, *run.data(run.batch_size, run.seq_len, gen))
+        except ValueError as e:  # the ops refuse non-finite inputs: the weights blew up
+            if "NaN or Inf" not in str(e):
+                raise
+            loss = math.nan
+        if not math.isfinite(loss):
+            diverged = step + 1
+            progress(run.steps, run.steps)
+            break
+        losses.append(loss)
         progress(step + 1, run.steps)
     seconds = time.perf_counter() - start
     test = run.data(run.n_test, run.seq_len, torch.Generator().manual_seed(_seed(*key, "test")))
     tail = losses[-10:]
-    final = sum(tail) / len(tail)
-    return {"accuracy": evaluate(model, *test), "final_loss": final if math.isfinite(final)
-            else None, "state_floats": state, "params": sum(p.numel() for p in
-                                                          model.parameters()),
+    return {"accuracy": 0.0 if diverged else evaluate(model, *test),
+            "final_loss": None if diverged else sum(tail) / len(tail),
+            "diverged_at_step": diverged, "state_floats": state,
+            "params": sum(p.numel() for p in model.parameters()),
             "train_seconds": round(seconds, 2), "chance": 1 / (run.vocab // 2)}
 
 
