@@ -223,7 +223,8 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
         written.append(out_dir / "mqar_vs_T.png")
         fig.savefig(written[-1], dpi=110)
     points = sorted({(r["variant"], r["num_pairs"], r["seq_len"]) for r in rows})
-    if len({r["d_model"] for r in rows}) > 1:
+    if any(len({r["d_model"] for r in rows if (r["variant"], r["num_pairs"], r["seq_len"])
+                == point}) > 1 for point in points):
         fig, axes = _figure(len(points))
         for ax, point in zip(axes, points, strict=False):
             sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]
