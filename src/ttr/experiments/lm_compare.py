@@ -35,8 +35,11 @@ def load_run(run_dir: Path) -> dict:
     train = [(int(r["step"]), float(r["train_loss"])) for r in rows]
     val = [(int(r["step"]), float(r["val_bpb"])) for r in rows if r["val_bpb"]]
     last = [loss for _, loss in train[-50:]]
-    pattern = config["model"]["pattern"]
-    return dict(name=run_dir.name, pattern="+".join(pattern), params=params,
+    pattern = "+".join(config["model"]["pattern"])
+    overrides = config["model"].get("mixer_overrides") or {}
+    if overrides:  # e.g. rope: part of what the layers are
+        pattern += " (" + ", ".join(f"{k}={v}" for k, v in sorted(overrides.items())) + ")"
+    return dict(name=run_dir.name, pattern=pattern, params=params,
                 steps=train[-1][0] if train else 0, planned_steps=config["steps"],
                 tokens=(train[-1][0] if train else 0) * tokens_per_step,
                 tokens_per_step=tokens_per_step, train=train, val=val,
