@@ -115,9 +115,10 @@ def _graph(fn) -> list[str]:
     return names
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("cache", [False, True])
-def test_blocked_backward_by_recomputation(causal, cache):
+def test_blocked_backward_by_recomputation(causal, cache, recompute):
     """The custom backward of the blocked form (ridge > 0) equals autograd through the naive
     form, for the queries, keys, values and a KV cache, causal or not; and gradcheck holds."""
     q, k, v = (x.requires_grad_() for x in qkv(2, 13, 2, 3, 4))
@@ -126,7 +127,7 @@ def test_blocked_backward_by_recomputation(causal, cache):
     def fn(form):
         return lambda q, k, v, *c: local_linear_attention(
             q, k, v, ridge=0.3, bandwidth=2.0, form=form, block_size=4, causal=causal,
-            initial_state=c or None)[0]
+            initial_state=c or None, recompute=recompute)[0]
 
     args = (q, k, v, *state)
     o = fn("blocked")(*args)

@@ -115,6 +115,9 @@ OPS = {op.name: op for op in [
     Op("local_linear_attention", local_linear_attention, LOCAL_LINEAR_FORMS, _qkv(),
        "p = 1 (Eq. 52-54), ridge 0.1, bandwidth 2 sqrt(D); blocked: custom backward",
        {"ridge": 0.1}),
+    Op("local_linear_attention_recompute", local_linear_attention, ("blocked",), _qkv(),
+       "the same, recompute=True: the backward recomputes the per-query statistics",
+       {"ridge": 0.1, "recompute": True}),
 ]}
 
 # Forms whose time or memory grows too fast for the default sizes (B*H = 16, D = 64) run only
@@ -215,10 +218,14 @@ def _local_linear(T, K, V, pairs):
 FLOPS[("local_linear_attention", "blocked")] = \
     lambda T, C, K, V: _local_linear(T, K, V, T * T / 2)
 FLOPS[("local_linear_attention", "naive")] = lambda T, C, K, V: _local_linear(T, K, V, T * T)
+FLOPS[("local_linear_attention_recompute", "blocked")] = \
+    FLOPS[("local_linear_attention", "blocked")]
 # Forward+backward FLOPs where they are not 3x the forward.
 FWD_BWD: dict[tuple[str, str], Callable[[int, int, int, int], float]] = {
     ("local_linear_attention", "blocked"):
         lambda T, C, K, V: _local_linear(T, K, V, T * T / 2) + T * T / 2 * (20 * K + 4 * V),
+    ("local_linear_attention_recompute", "blocked"):  # the forward twice
+        lambda T, C, K, V: 2 * _local_linear(T, K, V, T * T / 2) + T * T / 2 * (20 * K + 4 * V),
 }
 
 
@@ -498,8 +505,8 @@ def to_markdown(result: dict) -> str:
         f"{h['wall_s']:.0f} s",
         "- fwd = forward under no_grad; f+b = forward + backward of sum(o * w) w.r.t. q, k, v "
         "and the per-token params; x rec = recurrent time / this time (same op, T, dtype)",
-        "- GFLOP/s from the analytic forward counts in ttr/bench.py (f+b = 3x forward); "
-        "% mm = forward rate / matmul rate",
+        "- GFLOP/s from the analytic forward counts in ttr/bench.py (f+b = 3x forward, or "
+        "FWD_BWD's count); % mm = forward rate / matmul rate",
         "- peak MB: rise of getrusage ru_maxrss over its value after the inputs were allocated "
         "(high-water mark reset there via /proc/self/clear_refs), each case in a fresh process;"
         " includes allocator slack and first-call allocations",

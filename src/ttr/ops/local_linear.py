@@ -38,10 +38,13 @@ Forms
            extra memory O(Bq (Dk + 1)(Dk + Dv)) per (batch, head). With ridge > 0 its backward
            is `_BlockedFn`'s: recomputation from per-query statistics (the log-normalizer,
            kbar, vbar, u = A^-1 dbar and M1), so training memory is O(T Dk Dv) per (batch,
-           head), not O(T^2); derivation in its docstring. Measured (1 thread, B H = 2,
-           T = 1024, D = 32): backward 0.11 s and +39 MB peak, against 0.84 s and +561 MB for
-           autograd through the loop. The forward costs O(T^2 Dk (Dk + Dv)) (the second
-           moments); the backward only O(T^2 (Dk + Dv)).
+           head), not O(T^2); with recompute=True it recomputes them per query block
+           instead (a second forward pass), O(T (Dk + Dv)). Derivation in its docstring.
+           Measured (1 thread, B H = 2, T = 1024, D = 32): backward 0.11 s and +39 MB peak,
+           against 0.84 s and +561 MB for autograd through the loop; at T = 4096, D = 64,
+           B H = 1 (docs/benchmarks.md): peak 149 MB (62 MB with recompute) against 814 MB
+           for the naive form. The forward costs O(T^2 Dk (Dk + Dv)) (the second moments);
+           the backward only O(T^2 (Dk + Dv)).
 With ridge = 0 the gradient goes through pinv (autograd through the loop) and is undefined on
 rank-deficient prefixes; use ridge > 0 to train. Not yet here: a `form="recurrent"` and a
 `step()` for decoding (naive with a cache is the per-query spec meanwhile), a decayed variant,
@@ -64,7 +67,7 @@ PINV_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=None,
                            output_final_state=False, cu_seqlens=None, form="blocked",
-                           block_size=256, causal=True):
+                           block_size=256, causal=True, recompute=False):
     """Causal local linear regression attention (p = 1 local polynomial, Eq. 52-54).
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; bandwidth: float > 0 (default 2 sqrt(Dk));
@@ -74,6 +77,9 @@ def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=
     causal=False fits every query to all keys of the call and the cache (non-causal).
     block_size: queries and keys per block of the blocked form (256: larger blocks make larger
     matmuls; measured single-thread at T = 2048, D = 64: 15.8 GFLOP/s at 64, 20.7 at 256).
+    recompute: the blocked form's backward (ridge > 0) recomputes the per-query statistics
+    (a second forward pass) instead of saving them: training memory O(T (Dk + Dv)) instead of
+    O(T Dk Dv) per (batch, head), for about twice the forward time.
     Returns o [B, T, H, Dv] (dtype of q) and the final cache or None.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
@@ -85,7 +91,9 @@ def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=
         raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
     check_cu_seqlens(cu_seqlens, q)
     bw = float(bandwidth) if bandwidth is not None else 2.0 * math.sqrt(Dk)
-    args = (bw, float(ridge), form, block_size, causal)
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute: expected a bool, got {recompute!r}")
+    args = (bw, float(ridge), form, block_size, causal, recompute)
     if cu_seqlens is None:
         _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
         return _attend(q, k, v, initial_state, output_final_state, *args)
@@ -107,7 +115,8 @@ def check_number(name, x, *, allow_zero, allow_none) -> None:
 
 # -- forms -----------------------------------------------------------------------------------
 
-def _attend(q, k, v, cache, output_final_state, bw, ridge, form, block_size, causal):
+def _attend(q, k, v, cache, output_final_state, bw, ridge, form, block_size, causal,
+            recompute):
     K, V = k, v
     if cache is not None:
         K, V = torch.cat([cache[0].to(k.dtype), k], 1), torch.cat([cache[1].to(v.dtype), v], 1)
@@ -118,12 +127,12 @@ def _attend(q, k, v, cache, output_final_state, bw, ridge, form, block_size, cau
     # [B, T, H, D] -> [B*H, T, D]: (batch, head) is one leading batch dim of every matmul
     qf, Kf, Vf = (x.to(dt).transpose(1, 2).flatten(0, 1) for x in (q, K, V))
     fn = _naive if form == "naive" else _blocked
-    o = fn(qf, Kf, Vf, Tc, bw, ridge, block_size)  # [B*H, T, Dv]
+    o = fn(qf, Kf, Vf, Tc, bw, ridge, block_size, recompute)  # [B*H, T, Dv]
     o = o.unflatten(0, (B, H)).transpose(1, 2).to(q.dtype)  # [B, T, H, Dv]
     return o, ((K, V) if output_final_state else None)
 
 
-def _naive(q, K, V, Tc, bw, ridge, block_size):
+def _naive(q, K, V, Tc, bw, ridge, block_size, recompute):
     """All T x (Tc + T) weights at once, keys uncentered (c = 0)."""
     T, L = q.shape[1], K.shape[1]
     # 1. log-weights -||k_i - q_t||^2 / bw, the ||q_t||^2 term dropped (it cancels in p_i)
@@ -136,12 +145,12 @@ def _naive(q, K, V, Tc, bw, ridge, block_size):
     return _intercept(*m, q, ridge)[0]
 
 
-def _blocked(q, K, V, Tc, bw, ridge, block_size):
+def _blocked(q, K, V, Tc, bw, ridge, block_size, recompute):
     """Per query block: online-max streaming of the key moments, then the per-query solve.
     With ridge > 0 and gradients needed, the backward pass is `_BlockedFn`'s (recomputation);
     ridge = 0 goes through pinv, which autograd differentiates through the loop."""
     if ridge > 0 and torch.is_grad_enabled() and any(x.requires_grad for x in (q, K, V)):
-        return _BlockedFn.apply(q, K, V, Tc, bw, ridge, block_size)
+        return _BlockedFn.apply(q, K, V, Tc, bw, ridge, block_size, recompute)
     return _blocked_forward(q, K, V, Tc, bw, ridge, block_size, stats=False)[0]
 
 
@@ -171,25 +180,32 @@ def _key_blocks(qc, K, V, c, pos, bw, block_size):
 def _blocked_forward(q, K, V, Tc, bw, ridge, block_size, stats):
     outs, saved = [], []
     for _a, _b, c, qc, pos in _query_blocks(q, Tc, block_size):
-        mx = acc = None
-        for _s, _e, kc, vb, logw in _key_blocks(qc, K, V, c, pos, bw, block_size):
-            # online max: the first key block has an unmasked key for every query, so mx is
-            # finite from the start and the rescale factor exp(mx - new) is in (0, 1]
-            new = logw.amax(-1) if mx is None else torch.maximum(mx, logw.amax(-1))  # [BH, Bq]
-            m = _moments(torch.exp(logw - new[..., None]), kc, vb)
-            if acc is None:
-                acc = m
-            else:
-                r = torch.exp(mx - new)
-                acc = tuple(x * r.view(*r.shape, *[1] * (x.ndim - 2)) + y
-                            for x, y in zip(acc, m, strict=True))
-            mx = new
-        o, st = _intercept(*acc, qc, ridge, stats=stats)
+        o, st = _query_block(qc, K, V, c, pos, bw, ridge, block_size, stats)
         outs.append(o)
-        if stats:  # log of the normalizer sum_i exp(logw_i): p_i = exp(logw_i - lse)
-            saved.append((mx + torch.log(acc[0]), *st))
+        saved.append(st)
     o = torch.cat(outs, 1)  # [BH, T, Dv]
     return o, (tuple(torch.cat(x, 1) for x in zip(*saved, strict=True)) if stats else None)
+
+
+def _query_block(qc, K, V, c, pos, bw, ridge, block_size, stats):
+    """One query block: stream its visible key blocks, then solve. Returns (o [BH, Bq, Dv],
+    None or the per-query statistics (lse, kbar, vbar, u, M1^T) of `_BlockedFn`)."""
+    mx = acc = None
+    for _s, _e, kc, vb, logw in _key_blocks(qc, K, V, c, pos, bw, block_size):
+        # online max: the first key block has an unmasked key for every query, so mx is
+        # finite from the start and the rescale factor exp(mx - new) is in (0, 1]
+        new = logw.amax(-1) if mx is None else torch.maximum(mx, logw.amax(-1))  # [BH, Bq]
+        m = _moments(torch.exp(logw - new[..., None]), kc, vb)
+        if acc is None:
+            acc = m
+        else:
+            r = torch.exp(mx - new)
+            acc = tuple(x * r.view(*r.shape, *[1] * (x.ndim - 2)) + y
+                        for x, y in zip(acc, m, strict=True))
+        mx = new
+    o, st = _intercept(*acc, qc, ridge, stats=stats)
+    # lse: log of the normalizer sum_i exp(logw_i), so that p_i = exp(logw_i - lse)
+    return o, ((mx + torch.log(acc[0]), *st) if stats else None)
 
 
 class _BlockedFn(torch.autograd.Function):
@@ -217,27 +233,31 @@ class _BlockedFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, K, V, Tc, bw, ridge, block_size):
-        o, (lse, kbar, vbar, u, m1t) = _blocked_forward(q, K, V, Tc, bw, ridge, block_size,
-                                                        stats=True)
-        ctx.save_for_backward(q, K, V, o, lse, kbar, vbar, u, m1t)
+    def forward(ctx, q, K, V, Tc, bw, ridge, block_size, recompute):
+        o, st = _blocked_forward(q, K, V, Tc, bw, ridge, block_size, stats=not recompute)
+        ctx.save_for_backward(q, K, V, o, *(st or ()))
         ctx.args = (Tc, bw, ridge, block_size)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, K, V, o, lse, kbar, vbar, u, m1t = ctx.saved_tensors
+        q, K, V, o, *saved = ctx.saved_tensors
         Tc, bw, ridge, block_size = ctx.args
         dq, dK, dV = torch.zeros_like(q), torch.zeros_like(K), torch.zeros_like(V)
         for a, b, c, qc, pos in _query_blocks(q, Tc, block_size):
-            g, kb, ub = do[:, a:b], kbar[:, a:b], u[:, a:b]  # [BH, Bq, Dv], [.., Dk], [.., Dk]
-            h = (m1t[:, a:b] @ g[..., None])[..., 0]  # [BH, Bq, Dk]
+            if saved:  # the statistics of the forward pass
+                lse, kb, vbar, ub, m1t = (x[:, a:b] for x in saved)
+            else:  # recompute = True: a second forward pass over this query block
+                _, (lse, kb, vbar, ub, m1t) = _query_block(qc, K, V, c, pos, bw, ridge,
+                                                           block_size, True)
+            g = do[:, a:b]  # [BH, Bq, Dv]
+            h = (m1t @ g[..., None])[..., 0]  # [BH, Bq, Dk]
             mean = ((g * o[:, a:b]).sum(-1) - (h * qc).sum(-1) - ridge * (h * ub).sum(-1))
-            gvbar = (g * vbar[:, a:b]).sum(-1)[..., None]  # [BH, Bq, 1]
+            gvbar = (g * vbar).sum(-1)[..., None]  # [BH, Bq, 1]
             ukbar, hkbar = (ub * kb).sum(-1)[..., None], (h * kb).sum(-1)[..., None]
             dqb = h.clone()
             for s, e, kc, vb, logw in _key_blocks(qc, K, V, c, pos, bw, block_size):
-                p = torch.exp(logw - lse[:, a:b, None])  # [BH, Bq, Bk]
+                p = torch.exp(logw - lse[..., None])  # [BH, Bq, Bk]
                 gcv = g @ vb.mT - gvbar  # g^T (v_i - vbar)
                 cku = ub @ kc.mT - ukbar  # (k_i - kbar)^T u
                 hk = h @ kc.mT
@@ -250,7 +270,7 @@ class _BlockedFn(torch.autograd.Function):
                 dV[:, s:e] -= beta.mT @ g  # a_i = -beta_i
                 dqb += (2 / bw) * (delta @ kc)
             dq[:, a:b] = dqb
-        return dq, dK, dV, None, None, None, None
+        return dq, dK, dV, None, None, None, None, None
 
 
 def _moments(w, k, v):
