@@ -218,3 +218,18 @@ def test_a_diverging_mqar_run_is_a_result():
     result = run_mqar(run, lambda *a: None)
     assert result["diverged_at_step"] is not None and result["accuracy"] == 0.0
     assert result["final_loss"] is None
+
+
+def test_report_plots_accuracy_against_T_and_d_model(tmp_path):
+    """Where T or d_model varies at a (variant, P) point, the report draws those plots."""
+    runs = [dict(TINY_MQAR, source="recipe", layer=layer, variant="paper", n_layers=1,
+                 mlp=False, seq_len=t, d_model=d)
+            for layer in ("linear_attention", "rls") for t in (8, 16) for d in (8, 16)]
+    out = tmp_path / "out"
+    run_sweep(get_experiment(str(_experiment(tmp_path, runs))), out, workers=2,
+              progress=False, log=lambda s: None, start_method="fork")
+    files = leaderboard.write(out)
+    for key in ("mqar_vs_T", "mqar_vs_d", "mqar_vs_state"):
+        assert files[key].stat().st_size > 0
+    text = files["leaderboard"].read_text()
+    assert "rls (recipe)" in text and "d=16 P=2 T=16" in text
