@@ -15,9 +15,10 @@ variants x 2 lrs = 132 runs; measured 48 minutes on 2 cores while two language-m
 trainings shared them (per-run times sum to 1.6 hours: about 25 minutes on an idle machine,
 an estimate), results in docs/results/sweeps/mqar_catalogue-quick.
 full: d_model in {32, 64, 128} x lr in {1e-3, 3e-3, 1e-2} x 600 steps, zoology (P, T) in
-{(8, 64), (16, 128)}, paper (P, T) in {(32, 64), (64, 128)}: 1188 runs, estimated from the
-quick runs' times scaled by T, d_model and steps at roughly 20 hours on 2 cores (it resumes,
-so it can run in pieces).
+{(8, 64), (16, 128)}, paper (P, T) in {(32, 64), (64, 128)}: 1188 runs. Its first 74 runs
+(zoology variant, first entries) took 54 s each on average with 2 workers: about 9 hours for
+all at that rate, more since the T = 128 points and the nonparametric entries cost more. It
+resumes, so it runs in pieces; 74 runs are in docs/results/sweeps/mqar_catalogue-full.
 """
 
 from ttr import catalog
