@@ -62,15 +62,10 @@ def softmax_attention(q, k, v, *, scale=None, bandwidth=None, initial_state=None
     check_causal(causal)
     check_form(form, FORMS)
     check_cu_seqlens(cu_seqlens, q)
-    if cu_seqlens is None:
-        _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
-        return _attend(q, k, v, scale, bandwidth, initial_state, output_final_state, form,
-                       causal)
-
-    caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
-    return varlen_caches(
-        lambda cache, q, k, v: _attend(q, k, v, scale, bandwidth, cache, True, form, causal),
-        cu_seqlens, {"q": q, "k": k, "v": v}, caches, output_final_state)
+    return with_caches(
+        lambda q, k, v, cache, final: _attend(q, k, v, scale, bandwidth, cache, final, form,
+                                              causal),
+        q, k, v, initial_state, output_final_state, cu_seqlens)
 
 
 def softmax_attention_step(q_t, k_t, v_t, state=None, *, scale=None, bandwidth=None):
@@ -102,6 +97,19 @@ def _check_similarity(scale, bandwidth) -> None:
         if not math.isfinite(x) or (low is not None and x <= low):
             raise ValueError(f"{name}: expected a finite value{' > 0' if low is not None else ''}"
                              f", got {x!r}")
+
+
+def with_caches(attend, q, k, v, initial_state, output_final_state, cu_seqlens):
+    """The (K, V)-cache ops' shared entry: one call, or packed sequences with a cache each.
+    `attend(q, k, v, cache, output_final_state) -> (o, cache or None)` on one batch."""
+    B, _, H, Dk = q.shape
+    Dv = v.shape[-1]
+    if cu_seqlens is None:
+        _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
+        return attend(q, k, v, initial_state, output_final_state)
+    caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
+    return varlen_caches(lambda cache, q, k, v: attend(q, k, v, cache, True), cu_seqlens,
+                         {"q": q, "k": k, "v": v}, caches, output_final_state)
 
 
 def varlen_caches(attend, cu_seqlens, tensors: dict, caches: list, output_final_state: bool):

@@ -59,7 +59,7 @@ import torch
 
 from ttr.ops.common import check_causal, check_cu_seqlens, check_form, check_qkv
 from ttr.ops.linear import compute_dtype
-from ttr.ops.local import _check_cache, split_caches, varlen_caches
+from ttr.ops.local import with_caches
 
 FORMS = ("naive", "blocked")
 PINV_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -94,13 +94,8 @@ def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=
     if not isinstance(recompute, bool):
         raise TypeError(f"recompute: expected a bool, got {recompute!r}")
     args = (bw, float(ridge), form, block_size, causal, recompute)
-    if cu_seqlens is None:
-        _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
-        return _attend(q, k, v, initial_state, output_final_state, *args)
-
-    caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
-    return varlen_caches(lambda cache, q, k, v: _attend(q, k, v, cache, True, *args),
-                         cu_seqlens, {"q": q, "k": k, "v": v}, caches, output_final_state)
+    return with_caches(lambda q, k, v, cache, final: _attend(q, k, v, cache, final, *args),
+                       q, k, v, initial_state, output_final_state, cu_seqlens)
 
 
 def check_number(name, x, *, allow_zero, allow_none) -> None:

@@ -45,7 +45,7 @@ import torch
 
 from ttr.ops.common import check_cu_seqlens, check_qkv
 from ttr.ops.linear import compute_dtype
-from ttr.ops.local import _check_cache, split_caches, varlen_caches
+from ttr.ops.local import with_caches
 from ttr.ops.local_linear import check_number
 
 QUERY_BLOCK = 64
@@ -69,13 +69,8 @@ def local_polynomial_attention(q, k, v, *, degree, bandwidth=None, ridge=0.0, in
     check_cu_seqlens(cu_seqlens, q)
     bw = float(bandwidth) if bandwidth is not None else 2.0 * math.sqrt(Dk)
     args = (degree, bw, float(ridge))
-    if cu_seqlens is None:
-        _check_cache("initial_state", initial_state, B, H, Dk, Dv, q)
-        return _attend(q, k, v, initial_state, output_final_state, *args)
-
-    caches = split_caches(initial_state, cu_seqlens.numel() - 1, H, Dk, Dv, q)
-    return varlen_caches(lambda cache, q, k, v: _attend(q, k, v, cache, True, *args),
-                         cu_seqlens, {"q": q, "k": k, "v": v}, caches, output_final_state)
+    return with_caches(lambda q, k, v, cache, final: _attend(q, k, v, cache, final, *args),
+                       q, k, v, initial_state, output_final_state, cu_seqlens)
 
 
 def _attend(q, k, v, cache, output_final_state, degree, bw, ridge):
