@@ -5,7 +5,7 @@
     ttr mqar [--out DIR] [--layer NAME]... [--pairs P]... [--seq-len T]... (paper Section 6)
     ttr bench [--op NAME]... [--form NAME]... [--T N]... [--dtype fp32|bf16]... [--out FILE]
     ttr list [--d-model N] [--heads N] [--T N] [--family NAME] [--name NAME] [--csv]
-    ttr sweep EXPERIMENT [--quick] [--out DIR] [--workers N] [--dry-run]   (resumable)
+    ttr sweep EXPERIMENT [--quick] [--out DIR] [--workers N] [--threads N] [--dry-run]   (resumable)
     ttr report RESULTS_DIR                                  (leaderboard.md + plots)
     ttr train [--out DIR] [--resume] [--pattern NAME]... [--steps N] ...
     ttr compare-runs RUN_DIR... [--out DIR]                 (table + curves of train runs)
@@ -233,6 +233,10 @@ def sweep(
     workers: Annotated[int | None, _opt("--workers", "-j", metavar="N",
                                         help="Worker processes [default: one per core].")
                        ] = None,
+    threads: Annotated[int | None, _opt("--threads", metavar="N",
+                                        help="torch threads per worker [default: cores / "
+                                             "workers]; lower it to leave cores free.")
+                       ] = None,
     dry_run: Annotated[bool, _opt("--dry-run", help="Validate and list the runs; run none.")
                        ] = False,
     quiet: Quiet = False,
@@ -244,6 +248,8 @@ def sweep(
 
     if workers is not None and workers < 1:
         raise typer.BadParameter(f"expected >= 1, got {workers}", param_hint="--workers")
+    if threads is not None and threads < 1:
+        raise typer.BadParameter(f"expected >= 1, got {threads}", param_hint="--threads")
     exp = s.get_experiment(experiment)
     mode = "quick" if quick else "full"
     out = out or Path("results/sweeps") / f"{Path(experiment).stem}-{mode}"
@@ -255,7 +261,7 @@ def sweep(
         typer.echo(f"ttr sweep: {len(runs)} valid runs, {sum(r.id in done for r in runs)} "
                    f"finished in {out}")
         return
-    s.run_sweep(exp, out, quick=quick, workers=workers, progress=not quiet,
+    s.run_sweep(exp, out, quick=quick, workers=workers, threads=threads, progress=not quiet,
                 command=shlex.join(["ttr", *sys.argv[1:]]), log=typer.echo)
 
 

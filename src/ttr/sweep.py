@@ -193,12 +193,14 @@ def _work(run: Run, out_dir: str, progress_queue) -> tuple[str, float]:
 
 
 def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
-              workers: int | None = None, progress: bool = True, command: str = "",
+              workers: int | None = None, threads: int | None = None, progress: bool = True,
+              command: str = "",
               log: Callable[[str], None] = print, start_method: str = "spawn") -> dict:
     """Run every unfinished run of the experiment; returns {"total", "skipped", "ran", "failed",
     "seconds"}. Validation happens before any worker starts. A run that raises is reported
     and leaves no result file; the others go on, and at the end SweepFailed lists the
-    failed runs (so a rerun retries exactly those). `start_method`: multiprocessing's."""
+    failed runs (so a rerun retries exactly those). `threads`: torch threads per worker (default
+    cores // workers). `start_method`: multiprocessing's."""
     runs = plan(experiment, quick)
     out_dir = Path(out_dir)
     name = _name(experiment)
@@ -231,7 +233,7 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
             f"running the other {len(todo)}")
     workers = workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(todo)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     start = time.perf_counter()
     ctx = mp.get_context(start_method)  # spawn: no fork after torch's thread pools exist
     manager = ctx.Manager() if progress else None
