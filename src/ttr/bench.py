@@ -40,7 +40,7 @@ from ttr.ops.delta import delta_rule
 from ttr.ops.delta_product import FORMS as PRODUCT_FORMS
 from ttr.ops.delta_product import delta_product
 from ttr.ops.linear import FORMS as LINEAR_FORMS
-from ttr.ops.linear import SUB_CHUNK, linear_attention
+from ttr.ops.linear import linear_attention
 from ttr.ops.local import FORMS as LOCAL_FORMS
 from ttr.ops.local import softmax_attention
 from ttr.ops.local_linear import FORMS as LOCAL_LINEAR_FORMS
@@ -140,13 +140,14 @@ def cap(op: str, form: str) -> tuple[int, str] | None:
 
 # -- analytic FLOP counts -----------------------------------------------------------------------
 # Forward FLOPs of ONE (batch, head), a multiply-add = 2 FLOPs, leading terms only; T tokens,
-# C = min(64, T) chunk, c = 16 sub-chunk, Dk = Dv = D. Forward+backward is counted as 3x the
+# C = min(64, T) chunk, Dk = Dv = D. Forward+backward is counted as 3x the
 # forward (the usual convention: the backward of a matmul is two matmuls) except in FWD_BWD.
 #   linear attention  recurrent  4 T Dk Dv (rank-1 update k v^T + read S^T q), +T Dk Dv decay
 #                     parallel   2 T^2 (Dk + Dv) + 2 T Dk Dv (full T x T QK^T and AV, final
 #                                state); per-dim decay 3 T^2 Dk for the [T, T, Dk] einsum
 #                     chunk      2 T C (Dk + Dv) + 4 T Dk Dv (intra-chunk QK^T and AV; chunk
-#                                states K^T V; reads Q S_0); per-dim decay + T Dk (3 c + C/c)
+#                                states K^T V; reads Q S_0); per-dim decay + 2 T C Dk: the
+#                                triangular-matmul cumulative sums of its log2(C) levels
 #   delta rule        recurrent  6 T Dk Dv (read S^T k, rank-1 update, read S^T q), +decay
 #                     chunk      T (C^2 + 4 C (Dk + Dv) + 6 Dk Dv): per chunk KK^T, the C x C
 #                                triangular solve against I (C^3), W = T K and U = T V, state
@@ -180,7 +181,7 @@ def _la(T, C, K, V, decay):
     return {"recurrent": (4 + (decay != "none")) * T * K * V,
             "parallel": 2 * T * T * V + (3 if per_dim else 2) * T * T * K + 2 * T * K * V,
             "chunk": 2 * T * C * (K + V) + 4 * T * K * V
-            + per_dim * T * K * (3 * SUB_CHUNK + C // SUB_CHUNK)}
+            + per_dim * 2 * T * C * K}
 
 
 def _delta(T, C, K, V, decay):

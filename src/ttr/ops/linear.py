@@ -28,6 +28,8 @@ whole sequence and so loses float32 resolution for very long T, the chunk form o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +46,6 @@ from ttr.ops.common import (
 )
 
 FORMS = ("recurrent", "parallel", "chunk")
-SUB_CHUNK = 16  # secondary chunk for per-dimension decay (see _intra_chunk_per_dim)
 
 
 # -- small helpers shared by the op families (delta, rls and local import them) -------------------
@@ -228,51 +229,148 @@ def chunk_linear_attention(q, k, v, g, s0, C):
     pad = n * C - T
     per_dim = g is not None and g.ndim == 4
 
-    def chunks(x):  # [B, T, H, ...] -> [B, H, n, C, ...]
-        x = F.pad(x, (0, 0) * (x.ndim - 3) + (0, 0, 0, pad))
-        return x.reshape(B, n, C, H, *x.shape[3:]).transpose(1, 3).transpose(2, 3)
+    def chunks(x):  # [B, T, H, ...] -> [B, H, n, C, ...], contiguous
+        # One transposing copy up front: the matmuls below then see contiguous [C, D] blocks
+        # whose batch dims (B, H, n) collapse into one, instead of copying inside every matmul.
+        x = x.transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, 0) * (x.ndim - 3) + (0, pad))
+        return x.contiguous().reshape(B, H, n, C, *x.shape[3:])
 
     q, k, v = chunks(q), chunks(k), chunks(v)  # [B, H, n, C, D]
     if g is None:
-        b = q.new_zeros(B, H, n, C, 1)
-    else:
-        # 1. cumulative log-decay within each chunk, relative to the chunk start (<= 0)
-        b = torch.cumsum(chunks(g if per_dim else g.unsqueeze(-1)), dim=3)  # [B, H, n, C, Dk|1]
-    b_last = b[:, :, :, -1]  # [B, H, n, Dk|1]
+        return _chunk_no_decay(q, k, v, s0, T)
+
+    # 1. cumulative log-decay within each chunk, relative to the chunk start (<= 0)
+    gc = chunks(g if per_dim else g.unsqueeze(-1))  # [B, H, n, C, Dk|1]
+    b = _cumsum(gc, 0, reverse=False)  # [B, H, n, C, Dk|1]
 
     # 2. intra-chunk outputs: the quadratic form on each chunk
-    if g is None:
-        A = (q @ k.mT).tril()  # [B, H, n, C, C]
-    elif per_dim:
-        A = _intra_chunk_per_dim(q, k, chunks(g))
+    if per_dim:
+        A = _intra_chunk_per_dim(q, k, gc)
     else:
-        A = (q @ k.mT) * torch.exp(_segment_sums(chunks(g)))  # [B, H, n, C, C]
+        A = (q @ k.mT) * _decay_matrix(gc.squeeze(-1))  # [B, H, n, C, C]
     o = A @ v  # [B, H, n, C, Dv]
 
-    # 3. what each chunk adds to the state, decayed to the chunk end (exponent b_C - b_i <= 0)
-    if g is None:
-        to_end = b  # zeros
-    else:
-        # sum_{j > i} g_j as a reverse cumsum of the shifted gates, not b_C - b_i (see
-        # _segment_sums for why the difference is avoided)
-        to_end = _after(chunks(g), per_dim)
-        to_end = to_end if per_dim else to_end.unsqueeze(-1)  # [B, H, n, C, Dk|1]
+    # 3. what each chunk adds to the state, decayed to the chunk end (exponent b_C - b_i <= 0):
+    # sum_{j > i} g_j as a reverse exclusive cumsum, not b_C - b_i (see _segment_sums for why
+    # the difference is avoided)
+    to_end = _cumsum(gc, -1, reverse=True)  # [B, H, n, C, Dk|1]
     U = (k * torch.exp(to_end)).mT @ v  # [B, H, n, Dk, Dv]
 
     # 4. state passing: S entering chunk c+1 = diag(exp(b_C)) S entering chunk c + U_c
-    decay = torch.exp(b_last).unsqueeze(-1)  # [B, H, n, Dk|1, 1]
+    decay = torch.exp(b[:, :, :, -1]).unsqueeze(-1)  # [B, H, n, Dk|1, 1]
     S = s0 if s0 is not None else q.new_zeros(B, H, Dk, Dv)
     starts = []
     # unbind, not U[:, :, c]: indexing's backward writes a full-size zero gradient per chunk
     for decay_c, U_c in zip(decay.unbind(2), U.unbind(2), strict=True):
         starts.append(S)
-        S = decay_c * S + U_c
+        S = torch.addcmul(U_c, decay_c, S)
     S0 = torch.stack(starts, dim=2)  # [B, H, n, Dk, Dv]
 
     # 5. inter-chunk outputs: queries read the entering state, decayed from the chunk start
     o = o + (q * torch.exp(b)) @ S0
-    o = o.transpose(2, 3).transpose(1, 3).reshape(B, n * C, H, Dv)[:, :T]
+    o = o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2)  # [B, T, H, Dv], a view
     return o, S
+
+
+def _chunk_no_decay(q, k, v, s0, T):
+    """`chunk_linear_attention` without decay, q, k, v chunked [B, H, n, C, D]: the state
+    entering chunk c is s0 + U_0 + ... + U_{c-1}, an exclusive cumsum of the chunk updates
+    U_c = K_c^T V_c, so no Python loop over chunks and no decay factors of 1."""
+    B, H, n, C, Dv = v.shape
+    o = (q @ k.mT).tril_() @ v  # [B, H, n, C, Dv] intra-chunk (tril_ is safe: matmul's
+    # backward needs q and k, not its output)
+    U = k.mT @ v  # [B, H, n, Dk, Dv]
+    S0 = _exclusive_prefix_sum(U, s0)  # [B, H, n, Dk, Dv] entering states
+    S = S0[:, :, -1] + U[:, :, -1]  # [B, H, Dk, Dv]
+    o = o + q @ S0
+    return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
+
+
+PREFIX_GROUP = 32  # chunks per triangular matmul in _exclusive_prefix_sum
+
+
+def _exclusive_prefix_sum(U: torch.Tensor, s0: torch.Tensor | None) -> torch.Tensor:
+    """X[:, :, c] = s0 + U[:, :, 0] + ... + U[:, :, c - 1] for U [B, H, n, Dk, Dv].
+
+    As a strictly-lower-triangular ones matrix times U, in groups of PREFIX_GROUP chunks (the
+    running total carried from group to group): torch.cumsum along a non-last axis ran ~8x
+    slower than this matmul (10 ms vs 1.3 ms for n = 32, 16 heads, 64 x 64, one thread), and
+    grouping keeps the matmul's cost linear in n.
+    """
+    B, H, n, Dk, Dv = U.shape
+    tri = torch.ones(PREFIX_GROUP, PREFIX_GROUP, dtype=U.dtype, device=U.device).tril(-1)
+    flat = U.reshape(B, H, n, Dk * Dv)
+    total = None if s0 is None else s0.reshape(B, H, 1, Dk * Dv)
+    out = []
+    for part in flat.split(PREFIX_GROUP, dim=2):  # [B, H, <= G, Dk * Dv]
+        m = part.shape[2]
+        X = tri[:m, :m] @ part  # [B, H, m, Dk * Dv]
+        if total is not None:
+            X = X + total
+        out.append(X)
+        last = X[:, :, -1:] + part[:, :, -1:]
+        total = last
+    return torch.cat(out, dim=2).reshape(B, H, n, Dk, Dv) if len(out) > 1 else \
+        out[0].reshape(B, H, n, Dk, Dv)
+
+
+@functools.lru_cache(maxsize=32)
+def _lower_index(P: int, device: torch.device) -> torch.Tensor:
+    """Gather index that assembles a [P, P] lower-triangular matrix (P a power of two) from
+    source = [0, diagonal (P entries), level-s blocks for s = 2, 4, ..., P], the level-s blocks
+    [P/s, s/2, s/2] (flattened) being the (second half, first half) block of each diagonal
+    s x s block. Entry (t, i), t > i, sits in the level s = 2^l with l = bit_length(t xor i):
+    its highest differing bit says in which block t and i fall in different halves."""
+    t = torch.arange(P).unsqueeze(1).expand(P, P)
+    i = torch.arange(P).unsqueeze(0).expand(P, P)
+    idx = torch.zeros(P, P, dtype=torch.long)  # above the diagonal: the 0 at source[0]
+    idx[t == i] = 1 + torch.arange(P)
+    offset = 1 + P
+    s = 2
+    while s <= P:
+        h = s // 2
+        at = (t > i) & (t // s == i // s) & (t % s >= h) & (i % s < h)
+        idx[at] = offset + ((t[at] // s) * h + t[at] % s - h) * h + i[at] % s
+        offset += (P // s) * h * h
+        s *= 2
+    return idx.flatten().to(device)
+
+
+def _assemble_lower(diag: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
+    """diag [..., P] and blocks[l] [..., P/s, s/2, s/2] (s = 2^(l+1)) -> the lower-triangular
+    [..., P, P] of _lower_index, by one gather: its backward is one scatter-add, where writing
+    the blocks into a zero matrix in place cost a full-size gradient copy per level."""
+    P = diag.shape[-1]
+    source = torch.cat([torch.zeros_like(diag[..., :1]), diag]
+                       + [b.flatten(-3) for b in blocks], dim=-1)  # [..., 1 + P + P(P-1)/2]
+    # index_select on the 2-d view: on a 4-d tensor it took a 15x slower kernel (18 ms vs 1.2)
+    flat = source.reshape(-1, source.shape[-1]).index_select(1, _lower_index(P, diag.device))
+    return flat.view(*diag.shape[:-1], P, P)
+
+
+def _decay_matrix(g: torch.Tensor) -> torch.Tensor:
+    """D[t, i] = exp(g_{i+1} + ... + g_t) for i <= t, 0 above the diagonal; g [..., C] ->
+    D [..., C, C]. The scalar-decay version of _intra_chunk_per_dim's split in halves: at the
+    level where i is in the first half and t in the second half of a block with midpoint m,
+    D[t, i] = exp(sum_{m<=j<=t} g_j) * exp(sum_{i<j<m} g_j), an outer product of two vectors of
+    factors <= 1, each exponent a segment sum (exact gradients, see _segment_sums). Only O(C)
+    exps per level instead of C^2 masked sums and exps (which cost 20 ms of a 46 ms forward)."""
+    *lead, C = g.shape
+    P = 1 << (C - 1).bit_length()
+    if P != C:
+        g = F.pad(g, (0, P - C))
+    blocks = []
+    s = 2
+    while s <= P:
+        gh = g.unflatten(-1, (P // s, 2, s // 2))  # [..., P/s, 2, h]
+        rows = torch.exp(gh[..., 1, :].cumsum(-1))  # [..., P/s, h] t in the second half
+        cols = torch.exp(_after(gh[..., 0, :], per_dim=False))  # [..., P/s, h] i in the first
+        blocks.append(rows.unsqueeze(-1) * cols.unsqueeze(-2))  # [..., P/s, h, h]
+        s *= 2
+    D = _assemble_lower(torch.ones_like(g), blocks)  # [..., P, P]
+    return D[..., :C, :C]
 
 
 def _segment_sums(g: torch.Tensor) -> torch.Tensor:
@@ -307,43 +405,107 @@ def _after(g: torch.Tensor, per_dim: bool) -> torch.Tensor:
 
 
 def _intra_chunk_per_dim(q, k, g):
-    """Scores A[t, i] = sum_d q_td k_id exp(b_td - b_id) (i <= t) for per-dimension decay,
-    b the cumulative log-decay in the chunk; q, k, g: [B, H, n, C, Dk] -> A [B, H, n, C, C].
+    """Scores A[t, i] = sum_d q_td k_id exp(sum_{i<j<=t} g_jd) (i <= t, 0 above the diagonal)
+    for per-dimension decay; q, k, g: [B, H, n, C, Dk] -> A [B, H, n, C, C].
 
-    The factorization exp(b_t - b_i) = exp(b_t) exp(-b_i) overflows once a chunk decays by more
-    than ~e^88, so we split each chunk into sub-chunks of c steps (GLA's secondary chunking):
-      - across sub-chunks (i in sub-chunk J before t's sub-chunk I) factor through the start of
-        sub-chunk I: exp(sum of g over I up to t) * exp(sum of g over (i, start of I)), both
-        factors <= 1;
-      - within a sub-chunk use the masked [c, c, Dk] form.
-    Every exponent is a sum of the gates over its own segment (in-sub-chunk cumsums, and
-    segment sums of whole sub-chunks), never a difference of cumulative sums: the difference's
-    backward leaves rounding noise of size eps * exp(.) in dL/dg (see _segment_sums), which
-    swamped the true gradient under strong decay (float32, g = -20: relative error ~1).
-    Memory O(C^2 Dk / c + C c Dk) per chunk.
+    The factorization exp(b_t - b_i) = exp(b_t) exp(-b_i) through one reference point overflows
+    once a chunk decays by more than ~e^88, and the [C, C, Dk] tensor of exact exponents is too
+    big to materialize fast (at C = 16 it is 134 MB for T = 2048, 16 heads). So split the chunk in
+    halves, recursively: a pair i <= t is either on the diagonal (exponent 0) or, at exactly one
+    level, i is in the first half and t in the second half of a block [a, a + s) with midpoint m.
+    Its exponent then factors through m with both factors <= 1:
+        sum_{i<j<=t} g_j = sum_{m<=j<=t} g_j  +  sum_{i<j<m} g_j,
+                           (a cumsum in the     (a reverse exclusive cumsum in
+                            second half)          the first half)
+    so A[second half, first half] = (q * exp(.)) @ (k * exp(.))^T, one matmul per block. Both
+    exponents are sums over their own segments, never differences of cumulative sums, so the
+    gradient keeps full relative precision under any decay (see _segment_sums). Every token is in
+    exactly one half per level: log2(C) levels of O(Dk) elementwise work per token and [s/2, s/2]
+    matmuls. A chunk size that is not a power of two is zero-padded at its end (padded steps
+    come after every real one, so no real pair's segment includes them).
+
+    The backward is written out (`_PerDimScores`): autograd through the levels spent most of its
+    time zero-filling full-size gradients for every half-tensor slice.
     """
-    C = q.shape[3]
-    c = max(d for d in range(1, min(SUB_CHUNK, C) + 1) if C % d == 0)
-    m = C // c
-    lead = q.shape[:3]
-    qs, ks, gs = (x.reshape(*lead, m, c, x.shape[-1]) for x in (q, k, g))  # [B, H, n, m, c, Dk]
-    # 1. queries decayed to the start of their sub-chunk I: exp(sum_{j in I, j <= t} g_j)
-    q_dec = qs * torch.exp(gs.cumsum(4))  # [B, H, n, m, c, Dk]
-    # 2. keys in sub-chunk J decayed to the start of sub-chunk I > J: the rest of J after i,
-    #    plus the whole sub-chunks strictly between J and I
-    rest = _after(gs, per_dim=True)  # [B, H, n, m(J), c, Dk]
-    totals = gs.sum(4)  # [B, H, n, m, Dk]
-    between = _segment_sums_dim(totals)  # [.., m(I'), m(J), Dk] = sum_{J < K <= I'} totals_K
-    # I = I' + 1; for J >= I the entry is masked to -inf (no such key counts)
-    between = torch.cat([torch.full_like(between[..., :1, :, :], float("-inf")),
-                         between[..., :-1, :, :]], dim=-3)  # [.., m(I), m(J), Dk]
-    before = torch.ones(m, m, dtype=torch.bool, device=q.device).tril(-1)  # J < I
-    between = between.masked_fill(~before[:, :, None], float("-inf"))
-    expo = rest.unsqueeze(3) + between.unsqueeze(-2)  # [B, H, n, m(I), m(J), c, Dk]
-    k_dec = (ks.unsqueeze(3) * torch.exp(expo)).reshape(*lead, m, C, q.shape[-1])
-    A_off = (q_dec @ k_dec.mT).reshape(*lead, C, C)  # [B, H, n, C, C]
-    # 3. diagonal sub-chunk blocks, masked [c, c, Dk] form with per-dimension segment sums
-    A_diag = torch.einsum("...td,...id,...tid->...ti", qs, ks, torch.exp(_segment_sums_dim(gs)))
-    eye = torch.eye(m, dtype=q.dtype, device=q.device)
-    A_diag = torch.einsum("...Iti,IJ->...ItJi", A_diag, eye).reshape(*lead, C, C)
-    return A_off + A_diag
+    C = q.shape[-2]
+    P = 1 << (C - 1).bit_length()  # the next power of two
+    if P != C:
+        q, k, g = (F.pad(x, (0, 0, 0, P - C)) for x in (q, k, g))
+    return _PerDimScores.apply(q, k, g)[..., :C, :C]
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for batches of small matrices, a [.., m, r], b [.., r, n]. When m or n is 1 or 2
+    (the lowest levels of the split), as a broadcast product summed over r: batched matmul
+    kernels on 16384 1 x 1 or 8192 2 x 2 matrices ran ~5x slower than that."""
+    if min(a.shape[-2], b.shape[-1]) <= 2:
+        return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+    return a @ b
+
+
+def _cumsum(x: torch.Tensor, diagonal: int, reverse: bool) -> torch.Tensor:
+    """Cumulative sums along axis -2 of x [.., h, D]: forward (out_t sums j <= t) or reverse
+    (j >= t), inclusive (diagonal 0) or exclusive (diagonal -1, j != t). As a matmul with a
+    triangular ones matrix, which adds the same terms (no differences, so gradients stay exact):
+    torch.cumsum along a non-last axis was the slowest op of the per-dimension path, and it has
+    no reverse mode (each flip costs a copy)."""
+    h = x.shape[-2]
+    tri = torch.ones(h, h, dtype=x.dtype, device=x.device).tril(diagonal)
+    tri = tri.mT if reverse else tri
+    if h <= 2 or x.shape[-1] <= 2:  # einsum folds the batch into one [h, h] @ [h, N] matmul;
+        return torch.einsum("ij,...jd->...id", tri, x)  # bmm on tiny matrices is slow
+    return tri @ x
+
+
+def _level_factors(gh: torch.Tensor):
+    """gh [.., P/s, 2, h, Dk] -> (exp(sum_{m<=j<=t} g_j) for t in the second half,
+    exp(sum_{i<j<m} g_j) for i in the first half), each [.., P/s, h, Dk]."""
+    g1, g2 = gh.unbind(-3)
+    return torch.exp(_cumsum(g2, 0, reverse=False)), torch.exp(_cumsum(g1, -1, reverse=True))
+
+
+class _PerDimScores(torch.autograd.Function):
+    """_intra_chunk_per_dim on a power-of-two chunk; see there. Backward, per level, with
+    qd = q2 * e2, kd = k1 * e1 and the block gradient G = dA[second half, first half]:
+        dq2 = (G kd) * e2,   dk1 = (G^T qd) * e1,
+        dg2 = reverse cumsum of (G kd) * qd      (e2's exponent is a cumsum of g2),
+        dg1 = exclusive cumsum of (G^T qd) * kd  (e1_i's exponent sums g_j over j > i),
+    plus the diagonal: dq += dA_tt k_t, dk += dA_tt q_t."""
+
+    @staticmethod
+    def forward(ctx, q, k, g):
+        P = q.shape[-2]
+        blocks = []
+        s = 2
+        while s <= P:
+            qh, kh, gh = (x.unflatten(-2, (P // s, 2, s // 2)) for x in (q, k, g))
+            e2, e1 = _level_factors(gh)
+            blocks.append(_mm(qh[..., 1, :, :] * e2, (kh[..., 0, :, :] * e1).mT))
+            s *= 2
+        ctx.save_for_backward(q, k, g)
+        return _assemble_lower((q * k).sum(-1), blocks)  # [.., P, P]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dA):
+        q, k, g = ctx.saved_tensors
+        P = q.shape[-2]
+        d_diag = torch.diagonal(dA, dim1=-2, dim2=-1).unsqueeze(-1)  # [.., P, 1]
+        dq, dk = d_diag * k, d_diag * q
+        dg = torch.zeros_like(g)
+        s = 2
+        while s <= P:
+            h = s // 2
+            qh, kh, gh = (x.unflatten(-2, (P // s, 2, h)) for x in (q, k, g))
+            dqh, dkh, dgh = (x.unflatten(-2, (P // s, 2, h)) for x in (dq, dk, dg))  # views
+            e2, e1 = _level_factors(gh)
+            qd, kd = qh[..., 1, :, :] * e2, kh[..., 0, :, :] * e1
+            G = torch.diagonal(dA.view(*dA.shape[:-2], P // s, s, P // s, s), dim1=-4,
+                               dim2=-2)[..., h:, :h, :].movedim(-1, -3)  # [.., P/s, h, h]
+            dqd, dkd = _mm(G, kd), _mm(G.mT, qd)  # [.., P/s, h, Dk]
+            dqh[..., 1, :, :] += dqd * e2
+            dkh[..., 0, :, :] += dkd * e1
+            dgh[..., 1, :, :] += _cumsum(dqd * qd, 0, reverse=True)
+            dgh[..., 0, :, :] += _cumsum(dkd * kd, -1, reverse=False)
+            s *= 2
+        return dq, dk, dg
