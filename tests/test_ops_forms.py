@@ -50,7 +50,7 @@ SIZES = [
     pytest.param(1, 40, 2, 60, 24, 16, id="D60-Dv24"),
     pytest.param(2, 32, 1, 5, 7, 32, id="T=C"),
     pytest.param(1, 23, 2, 6, 3, 7, id="C7-ragged"),
-    pytest.param(1, 100, 2, 6, 5, 48, id="T100-C48"),  # 3 sub-chunks of 16 (per-dim decay)
+    pytest.param(1, 100, 2, 6, 5, 48, id="T100-C48"),  # per-dim decay pads C = 48 to 64
 ]
 # (kind, strength): strength is the range of -g per step
 DECAYS = [

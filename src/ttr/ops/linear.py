@@ -28,12 +28,11 @@ whole sequence and so loses float32 resolution for very long T, the chunk form o
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from ttr.ops.common import (
+    _is_compiling,
     check_cu_seqlens,
     check_finite,
     check_form,
@@ -316,26 +315,38 @@ def _exclusive_prefix_sum(U: torch.Tensor, s0: torch.Tensor | None) -> torch.Ten
         out[0].reshape(B, H, n, Dk, Dv)
 
 
-@functools.lru_cache(maxsize=32)
+_LOWER_INDEX: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def _lower_index(P: int, device: torch.device) -> torch.Tensor:
+    """`_build_lower_index`, cached per (P, device) in eager mode; under torch.compile it is
+    traced (a cache would be a side effect dynamo warns about)."""
+    if _is_compiling():
+        return _build_lower_index(P, device)
+    if (P, device) not in _LOWER_INDEX:
+        _LOWER_INDEX[(P, device)] = _build_lower_index(P, device)
+    return _LOWER_INDEX[(P, device)]
+
+
+def _build_lower_index(P: int, device: torch.device) -> torch.Tensor:
     """Gather index that assembles a [P, P] lower-triangular matrix (P a power of two) from
     source = [0, diagonal (P entries), level-s blocks for s = 2, 4, ..., P], the level-s blocks
     [P/s, s/2, s/2] (flattened) being the (second half, first half) block of each diagonal
     s x s block. Entry (t, i), t > i, sits in the level s = 2^l with l = bit_length(t xor i):
     its highest differing bit says in which block t and i fall in different halves."""
-    t = torch.arange(P).unsqueeze(1).expand(P, P)
-    i = torch.arange(P).unsqueeze(0).expand(P, P)
-    idx = torch.zeros(P, P, dtype=torch.long)  # above the diagonal: the 0 at source[0]
-    idx[t == i] = 1 + torch.arange(P)
+    t = torch.arange(P, device=device).unsqueeze(1)  # [P, 1]
+    i = torch.arange(P, device=device).unsqueeze(0)  # [1, P]
+    # torch.where, not boolean-mask assignment: no data-dependent shapes under torch.compile
+    idx = torch.where(t == i, 1 + t, 0)  # above the diagonal: the 0 at source[0]
     offset = 1 + P
     s = 2
     while s <= P:
         h = s // 2
-        at = (t > i) & (t // s == i // s) & (t % s >= h) & (i % s < h)
-        idx[at] = offset + ((t[at] // s) * h + t[at] % s - h) * h + i[at] % s
+        at = (t // s == i // s) & (t % s >= h) & (i % s < h)
+        idx = torch.where(at, offset + ((t // s) * h + t % s - h) * h + i % s, idx)
         offset += (P // s) * h * h
         s *= 2
-    return idx.flatten().to(device)
+    return idx.flatten()
 
 
 def _assemble_lower(diag: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
