@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttr.bench import OPS
+from ttr.bench_cases import OPS
 from ttr.ops import mlstm, rwkv6
 
 CHUNKED = [name for name, op in OPS.items() if "chunk" in op.forms]

@@ -126,8 +126,6 @@ def _cases():
     for rp in RECIPES:
         recipe, beta_kind = rp.values
         for form in FORMS[recipe.op]:
-            if (recipe.op, form) == ("rls", "chunk") and recipe.weights.kind == "geometric":
-                continue  # exact only without decay; test_rls_chunk_refuses_decay checks the error
             yield pytest.param(recipe, beta_kind, form, id=f"{rp.id}-{form}")
 
 
@@ -145,13 +143,6 @@ def test_run_matches_reference(recipe, beta_kind, form, size, dtype):
     assert out.shape == want.shape and out.dtype == dtype
     assert_close(out, want, dtype=dtype, tol=TOLERANCES[dtype],
                  what=f"{recipe.op}(form={form}) vs reference")
-
-
-def test_rls_chunk_refuses_decay():
-    recipe = Recipe(Weights.geometric(), FunctionClass.linear(), Optimizer.exact(ridge=0.1))
-    q, k, v, kw = make_inputs(recipe, None, (1, 5, 1, 3, 2), torch.float64)
-    with pytest.raises(ValueError, match="form: 'chunk'"):
-        ttr.run(recipe, q, k, v, form="chunk", **kw)
 
 
 def test_every_op_recipe_is_covered():

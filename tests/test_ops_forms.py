@@ -37,7 +37,7 @@ ALL_FORMS = {"linear_attention": ("recurrent", "parallel", "chunk"),
 DECAY_KINDS = {"linear_attention": ("none", "scalar", "dim"), "delta_rule": ("none", "scalar"),
                "rls": ("none", "scalar"), "softmax_attention": ("none",)}
 # forms that support fewer decay kinds than their op
-FORM_DECAY_KINDS = {("rls", "chunk"): ("none",)}
+FORM_DECAY_KINDS: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
 def kinds(op, form):

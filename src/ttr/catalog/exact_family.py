@@ -30,10 +30,11 @@ def mesa(config, *, ridge: float = 1.0):
 def mesanet(config, *, ridge: float = 1.0):
     """MesaNet (von Oswald et al. 2025, Eq. 3-6): weighted ridge regression with forgetting,
     H_kk <- gamma_t H_kk + beta_t k k^T, H_kv <- gamma_t H_kv + beta_t k v^T, with data-dependent
-    forget gate gamma_t = sigmoid(W x) and input gate beta_t = sigmoid(W x). Deviation: MesaNet
-    solves (H_kk + Lambda) x = q by conjugate gradient with a learned per-dimension Lambda;
-    ttr solves it exactly (rls, parallel form: batched solves, not yet a chunked algorithm with
-    decay) with a fixed scalar ridge."""
+    forget gate gamma_t = sigmoid(W x) and input gate beta_t = sigmoid(W x). Deviations: the
+    ridge is a fixed scalar option, not MesaNet's learned per-dimension Lambda; and by default
+    ttr solves (H_kk + ridge) x = q exactly (rls, parallel form: batched solves). MesaNet's own
+    algorithm, conjugate gradient on chunked linear attention, is `form="chunk"` (tolerance and
+    iteration cap in ttr.ops.rls_cg), several times faster on long sequences."""
     recipe = Recipe(Weights.geometric(), LIN, Optimizer.exact(ridge))
     return Built(recipe, (SigmoidDecay(config.d_model, config.n_heads, bias=4.0),
                           StepSize(config.d_model, config.n_heads)))

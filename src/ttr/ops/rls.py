@@ -31,9 +31,13 @@ Forms
              T = 4096, Dk = 64 in float32, and about three are alive at once (the outer
              products, the prefix Grams, the LU factors), plus O(B H T C) for chunks of C.
              Time O(B T H (C Dk^2 + Dk^3)).
-  chunk      exact for uniform weights (g = None): per chunk one Woodbury capacitance
-             Cholesky serves every prefix system (src/ttr/ops/rls_chunk.py, docs/rls_chunk.md).
-  The default (form=None) is "chunk" without decay and "parallel" with it.
+  chunk      without decay (g = None) exact: per chunk one Woodbury capacitance Cholesky
+             serves every prefix system (src/ttr/ops/rls_chunk.py, docs/rls_chunk.md).
+             With decay, conjugate gradient on all prefix systems at once, each iteration one
+             chunked linear attention (src/ttr/ops/rls_cg.py, as in MesaNet): stops at relative
+             residual `cg_tol` (default 1e-5 float32, 1e-12 float64) or `cg_max_iter`
+             iterations (default 2 Dk); gradients by implicit differentiation.
+  The default (form=None) is "chunk" without decay and "parallel" (exact) with it.
 """
 
 from __future__ import annotations
@@ -59,19 +63,22 @@ from ttr.ops.linear import (
     chunk_linear_attention,
     compute_dtype,
 )
+from ttr.ops.rls_cg import cg_rls
 from ttr.ops.rls_chunk import chunk_rls
 
 FORMS = ("recurrent", "parallel", "chunk")
 
 
 def rls(q, k, v, g=None, beta=None, *, ridge, initial_state=None, output_final_state=False,
-        cu_seqlens=None, form=None, chunk_size=64):
+        cu_seqlens=None, form=None, chunk_size=64, cg_tol=None, cg_max_iter=None):
     """Exact ridge regression memory, `o_t = H_kv,t^T (H_kk,t + diag(ridge))^{-1} q_t`.
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; g: None or [B, T, H] log-decay <= 0; beta: None or
     [B, T, H] sample weights >= 0; ridge: float > 0 or tensor [Dk] > 0; initial_state: a pair
     (H_kk [B, H, Dk, Dk], H_kv [B, H, Dk, Dv]) (leading dim N with cu_seqlens).
-    `chunk_size` is the chunk of the prefix-Gram scan of the parallel form.
+    `chunk_size` is the chunk of the chunk form and of the parallel form's prefix-Gram scan;
+    `cg_tol` (relative residual) and `cg_max_iter` bound the chunk form's conjugate gradient
+    when g is given (see the module docstring).
     Returns o [B, T, H, Dv] (dtype of q) and the final pair (float32 for half inputs) or None.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
@@ -83,10 +90,8 @@ def rls(q, k, v, g=None, beta=None, *, ridge, initial_state=None, output_final_s
         # The exact chunk form (docs/rls_chunk.md) is the fast one, but only for uniform weights.
         form = "chunk" if g is None else "parallel"
     check_form(form, FORMS)
-    if form == "chunk" and g is not None:
-        raise ValueError("form: 'chunk' is exact for uniform weights only (g=None), got a "
-                         "log-decay g; use form='parallel' or 'recurrent'")
     check_chunk_size(chunk_size)
+    _check_cg(cg_tol, cg_max_iter)
     check_cu_seqlens(cu_seqlens, q)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     _check_pair("initial_state", initial_state, N, H, Dk, Dv, q)
@@ -99,6 +104,9 @@ def rls(q, k, v, g=None, beta=None, *, ridge, initial_state=None, output_final_s
         s0 = None if initial_state is None else tuple(s.to(dt) for s in initial_state)
         if form == "recurrent":
             o, s = _recurrent(q_, k_, v_, g_, beta_, ridge.to(dt), s0)
+        elif form == "chunk" and g_ is not None:
+            o, s = cg_rls(q_, k_, v_, g_, beta_, ridge.to(dt), s0, chunk_size, tol=cg_tol,
+                          max_iter=cg_max_iter)
         elif form == "chunk":
             o, s = chunk_rls(q_, k_, v_, beta_, ridge.to(dt), initial_state=s0,
                              output_final_state=True, chunk_size=chunk_size)
@@ -156,6 +164,15 @@ def _check_ridge(ridge, q: torch.Tensor) -> torch.Tensor:
     if not 0 < ridge < float("inf"):
         raise ValueError(f"ridge: expected a finite value > 0, got {ridge!r}; {min_norm}")
     return torch.full((Dk,), float(ridge), dtype=compute_dtype(q), device=q.device)
+
+
+def _check_cg(tol, max_iter) -> None:
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float))
+                            or not 0 < tol < 1):
+        raise ValueError(f"cg_tol: expected a relative residual in (0, 1) or None, got {tol!r}")
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int)
+                                 or max_iter < 1):
+        raise ValueError(f"cg_max_iter: expected a positive int or None, got {max_iter!r}")
 
 
 def _check_weights(name: str, beta) -> None:
