@@ -39,7 +39,7 @@ def test_markdown_and_csv(tiny, tmp_path):
     text = bench.to_markdown(tiny)
     assert text.startswith("Command: `ttr bench --tiny`")
     for needed in ("torch ", "CPU: ", "torch threads: 1", "matmul rate",
-                   "load average (1 min) at start", "ru_maxrss", "fla ",
+                   "load average (1 min) at start", "ru_maxrss", "- peers: ",
                    "| op | form | T | dtype |", "| delta_rule | chunk | 32 |"):
         assert needed in text, needed
     assert "bf16 rel err" not in text  # the bf16 columns appear only with bf16 rows

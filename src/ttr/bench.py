@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import datetime
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ import time
 
 import torch
 
+from ttr import bench_peers
 from ttr.bench_cases import CHUNK, FWD_BWD, OPS, cap, flops
 
 # -- one case, in its own process ---------------------------------------------------------------
@@ -55,8 +55,11 @@ def measure(case: dict) -> dict:
     inputs = [x.requires_grad_() for x in op.make(1, case["T"], case["heads"], case["d"])]
     w = torch.randn(1, case["T"], case["heads"], case["d"])  # o's weights in the loss
 
-    def eager(*xs):
-        return op.fn(*xs, form=case["form"], **op.kwargs)[0]
+    if case["form"].startswith("fla:"):
+        eager = bench_peers.load(_peer(case["op"], case["form"]))
+    else:
+        def eager(*xs):
+            return op.fn(*xs, form=case["form"], **op.kwargs)[0]
 
     call = torch.compile(eager, fullgraph=True) if case["compile"] else eager
     bf16 = case["dtype"] == "bf16"
@@ -122,6 +125,7 @@ class BenchConfig:
     threads: int | None = None
     caps: bool = True
     matmul_size: int = 2048
+    peers: bool = False  # also time the installed peers' references (ttr.bench_peers)
 
     def __post_init__(self):
         for name, got, allowed in (("op", self.ops, list(OPS)), ("dtype", self.dtypes,
@@ -153,6 +157,9 @@ class BenchConfig:
                         out.append((name, form, T, dt, False))
                         if self.compile and form == "chunk":
                             out.append((name, form, T, dt, True))
+                if self.peers:  # fp32 only: the references upcast to float32 themselves
+                    out += [(name, p.form, T, "fp32", False) for p in bench_peers.available()
+                            if p.op == name and (not self.forms or p.like in self.forms)]
         return out
 
 
@@ -220,9 +227,10 @@ def run(config: BenchConfig, command: str = "", progress: bool = True) -> dict:
     rows = []
     for op, form, T, dt, compiled in tqdm(config.cases(), desc="ttr bench", disable=not progress):
         repeats = config.repeats
+        like = _peer(op, form).like if form.startswith("fla:") else form  # its algorithm
         row = Row(op, form, T, dt, compiled, repeats,
-                  gflop=flops(op, form, T, config.d, config.heads) / 1e9)
-        limit = cap(op, form) if config.caps else None
+                  gflop=flops(op, like, T, config.d, config.heads) / 1e9)
+        limit = cap(op, like) if config.caps else None
         if limit and T > limit[0]:
             row.note = f"not run: T > {limit[0]} ({limit[1]}; --no-caps runs it)"
             rows.append(row)
@@ -239,7 +247,7 @@ def run(config: BenchConfig, command: str = "", progress: bool = True) -> dict:
                 row.gflop = flops(op, form, T, config.d, config.heads, res["iterations"]) / 1e9
                 row.note = f"{res['iterations']} CG iterations"
             row.gflops_fwd = row.gflop / row.fwd_ms * 1e3
-            fb = FWD_BWD.get((row.op, row.form))
+            fb = FWD_BWD.get((row.op, like))
             total = (config.heads * fb(row.T, min(CHUNK, row.T), config.d, config.d) / 1e9
                      if fb else 3 * row.gflop)
             row.gflops_fwd_bwd = total / row.fwd_bwd_ms * 1e3
@@ -253,7 +261,7 @@ def run(config: BenchConfig, command: str = "", progress: bool = True) -> dict:
                   torch=torch.__version__, python=platform.python_version(), cpu=_cpu_model(),
                   cores=os.cpu_count(), threads=threads, matmul_size=config.matmul_size,
                   matmul_gflops=rates, load_at_start=load, batch=1, heads=config.heads,
-                  d=config.d, repeats=config.repeats, fla=_fla_status(),
+                  d=config.d, repeats=config.repeats, fla=_fla_status(config.peers),
                   load_at_end=os.getloadavg()[0], wall_s=time.perf_counter() - start)
     return {"header": header, "rows": rows}
 
@@ -278,10 +286,19 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _fla_status() -> str:
-    if importlib.util.find_spec("fla") is None:
-        return "not installed"
-    return "installed, but its naive references are not wired into this runner yet"
+def _fla_status(timed: bool) -> str:
+    version = bench_peers.fla_version()
+    if bench_peers.fla_root() is None:
+        return "fla not installed (`pip install fla-core --no-deps`, then --peers)"
+    names = sorted({p.form for p in bench_peers.available()})
+    if not timed:
+        return f"{version} installed; --peers times its references ({', '.join(names)})"
+    return (f"{version}: its pure-PyTorch references, loaded from their files (no Triton), "
+            f"rows `fla:*` ({', '.join(names)})")
+
+
+def _peer(op: str, form: str) -> bench_peers.Peer:
+    return next(p for p in bench_peers.PEERS if p.op == op and p.form == form)
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -316,7 +333,7 @@ def to_markdown(result: dict) -> str:
         "- peak MB: rise of getrusage ru_maxrss over its value after the inputs were allocated "
         "(high-water mark reset there via /proc/self/clear_refs), each case in a fresh process;"
         " includes allocator slack and first-call allocations",
-        f"- peers: fla {h['fla']}",
+        f"- peers: {h['fla']}",
         "- ops: " + "; ".join(f"{o.name} = {o.about}" for o in OPS.values()),
         "",
     ]

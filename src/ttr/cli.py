@@ -194,6 +194,10 @@ def bench(
     no_caps: Annotated[bool, _opt(
         "--no-caps", help="Also run the loop and O(T^2)-memory forms at every T (slow; may "
                           "exhaust memory).")] = False,
+    peers: Annotated[bool, _opt(
+        "--peers", help="Also time flash-linear-attention's pure-PyTorch references when fla "
+                        "is installed (pip install fla-core --no-deps), on the same inputs.")
+                     ] = False,
     out: Annotated[Path | None, _opt("--out", "-o", metavar="FILE",
                                      help="Write the Markdown table here.")] = None,
     csv: Annotated[Path | None, _opt("--csv", metavar="FILE", help="Write a CSV here.")] = None,
@@ -208,7 +212,7 @@ def bench(
     config = b.BenchConfig(
         ops=tuple(op or ()), forms=tuple(form or ()), Ts=tuple(T) if T else (512, 2048, 8192),
         d=d, heads=heads, repeats=repeats, dtypes=tuple(x.value for x in dtype or [Dtype.fp32]),
-        compile=compile, threads=threads, caps=not no_caps)
+        compile=compile, threads=threads, caps=not no_caps, peers=peers)
     result = b.run(config, command=shlex.join(["ttr", *sys.argv[1:]]), progress=not quiet)
     table = b.to_markdown(result)
     typer.echo(table)
