@@ -289,7 +289,7 @@ def _cpu_model() -> str:
 def _fla_status(timed: bool) -> str:
     version = bench_peers.fla_version()
     if bench_peers.fla_root() is None:
-        return "fla not installed (`pip install fla-core --no-deps`, then --peers)"
+        return "fla not installed (`pip install -e .[peers]`, then --peers)"
     names = sorted({p.form for p in bench_peers.available()})
     if not timed:
         return f"{version} installed; --peers times its references ({', '.join(names)})"

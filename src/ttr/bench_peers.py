@@ -1,7 +1,8 @@
 """Peers for `ttr bench`: flash-linear-attention's pure-PyTorch reference implementations.
 
-flash-linear-attention (`fla`, Yang et al.; pip `fla-core`) ships Triton kernels, which need a
-GPU, and beside each a plain-PyTorch `naive.py` -- what a CPU user of fla is left with. Importing
+flash-linear-attention (`fla`, Yang et al.; pip `fla-core`, ttr's `peers` extra) ships Triton
+kernels, which need a GPU, and beside each a plain-PyTorch `naive.py` -- what a CPU user of fla
+is left with. Importing
 the `fla` package imports Triton, so each naive file is loaded on its own from the installed
 package's directory (`importlib.util.spec_from_file_location`); those files import only torch,
 torch.nn.functional and einops.
@@ -106,7 +107,7 @@ def load(peer: Peer, root: Path | None = None) -> Callable[..., torch.Tensor]:
     """fn(*inputs) -> o for one peer, its naive.py loaded from the file alone."""
     root = root or fla_root()
     if root is None:
-        raise ModuleNotFoundError("fla: not installed (pip install fla-core --no-deps)")
+        raise ModuleNotFoundError("fla: not installed (pip install -e .[peers])")
     path = root / peer.file
     spec = importlib.util.spec_from_file_location(
         "ttr_peer_" + peer.file.replace("/", "_").removesuffix(".py"), path)

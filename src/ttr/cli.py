@@ -196,7 +196,7 @@ def bench(
                           "exhaust memory).")] = False,
     peers: Annotated[bool, _opt(
         "--peers", help="Also time flash-linear-attention's pure-PyTorch references when fla "
-                        "is installed (pip install fla-core --no-deps), on the same inputs.")
+                        "is installed (pip install -e .[peers]), on the same inputs.")
                      ] = False,
     out: Annotated[Path | None, _opt("--out", "-o", metavar="FILE",
                                      help="Write the Markdown table here.")] = None,
