@@ -2,10 +2,9 @@
 
 flash-linear-attention (`fla`, Yang et al.; pip `fla-core`, ttr's `peers` extra) ships Triton
 kernels, which need a GPU, and beside each a plain-PyTorch `naive.py` -- what a CPU user of fla
-is left with. Importing
-the `fla` package imports Triton, so each naive file is loaded on its own from the installed
-package's directory (`importlib.util.spec_from_file_location`); those files import only torch,
-torch.nn.functional and einops.
+is left with. Importing the `fla` package imports Triton, so each naive file is loaded on its
+own from the installed package's directory (`importlib.util.spec_from_file_location`); those
+files import only torch, torch.nn.functional and einops.
 
 Each peer is timed like a ttr form of the same op, on the same inputs (`ttr bench --peers`); its
 row's form is `fla:<function>` and its FLOP count is that of the ttr form it mirrors (`like`).
