@@ -117,6 +117,10 @@ CAPS = {
     ("rls_decay", "parallel"): (2048, "O(T Dk^2) memory"),
     ("softmax_attention", "recurrent"): (512, "a Python loop whose backward is O(T^2)"),
     ("local_linear_attention", "naive"): (4096, "O(T^2 (1 + D)) memory"),
+    # O(T^2 (Dk^2 + Dk Dv)) work: the T = 8192, 16-head case (6 forward and 6 forward+backward
+    # calls) had not finished after 15 minutes
+    ("local_linear_attention", "blocked"): (2048, "O(T^2 D^2) time: minutes per call at 8192"),
+    ("local_linear_attention_recompute", "blocked"): (2048, "O(T^2 D^2) time"),
 }
 
 
