@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -208,7 +209,10 @@ def _run_case(case: dict) -> dict:
     proc = subprocess.run([sys.executable, "-m", "ttr.bench", "--case", json.dumps(case)],
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
-        why = "killed (out of memory?)" if proc.returncode < 0 else "crashed"
+        # SIGKILL is what the kernel's out-of-memory killer sends; other signals came from a user
+        why = ("crashed" if proc.returncode > 0 else "killed (out of memory?)"
+               if proc.returncode == -signal.SIGKILL else
+               f"stopped by {signal.Signals(-proc.returncode).name}")
         tail = (proc.stderr.strip().splitlines() or [""])[-1][:200]
         return {"error": f"{why}: exit {proc.returncode} {tail}".strip()}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -328,7 +332,7 @@ def to_markdown(result: dict) -> str:
         f"{h['wall_s']:.0f} s",
         "- fwd = forward under no_grad; f+b = forward + backward of sum(o * w) w.r.t. q, k, v "
         "and the per-token params; x rec = recurrent time / this time (same op, T, dtype)",
-        "- GFLOP/s from the analytic forward counts in ttr/bench.py (f+b = 3x forward, or "
+        "- GFLOP/s from the analytic forward counts in ttr/bench_cases.py (f+b = 3x forward, or "
         "FWD_BWD's count); % mm = forward rate / matmul rate",
         "- peak MB: rise of getrusage ru_maxrss over its value after the inputs were allocated "
         "(high-water mark reset there via /proc/self/clear_refs), each case in a fresh process;"
