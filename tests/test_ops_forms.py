@@ -359,3 +359,17 @@ def test_linear_attention_decay_gradient_float32(form, g_value, per_dim):
         (o * w.to(dtype)).sum().backward()
         grads[name] = gg.grad
     assert_close(grads["fast"], grads["ref"], tol=1e-4, what=f"{form} dL/dg at g={g_value}")
+
+
+def test_per_dim_scores_backward_takes_any_gradient_layout():
+    # _PerDimScores views its incoming gradient per level: an expanded (stride-0) gradient, as
+    # from A.sum(), must give the same result as a materialized one
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 2, 3, 8, 4, generator=gen, dtype=F64, requires_grad=True)
+            for _ in range(2))
+    g = (-torch.rand(1, 2, 3, 8, 4, generator=gen, dtype=F64)).requires_grad_()
+    expanded = torch.autograd.grad(linear_module._intra_chunk_per_dim(q, k, g).sum(), (q, k, g))
+    ones = torch.ones(1, 2, 3, 8, 8, dtype=F64)
+    dense = torch.autograd.grad(linear_module._intra_chunk_per_dim(q, k, g), (q, k, g), ones)
+    for a, b in zip(expanded, dense, strict=True):
+        assert_close(a, b, tol=1e-14)
