@@ -15,10 +15,11 @@ variants x 2 lrs = 132 runs; measured 48 minutes on 2 cores while two language-m
 trainings shared them (per-run times sum to 1.6 hours: about 25 minutes on an idle machine,
 an estimate), results in docs/results/sweeps/mqar_catalogue-quick.
 full: d_model in {32, 64, 128} x lr in {1e-3, 3e-3, 1e-2} x 600 steps, zoology (P, T) in
-{(8, 64), (16, 128)}, paper (P, T) in {(32, 64), (64, 128)}: 1188 runs. Its first 74 runs
-(zoology variant, first entries) took 54 s each on average with 2 workers: about 9 hours for
-all at that rate, more since the T = 128 points and the nonparametric entries cost more. It
-resumes, so it runs in pieces; 74 runs are in docs/results/sweeps/mqar_catalogue-full.
+{(8, 64), (16, 128)}, paper (P, T) in {(32, 64), (64, 128)}: 1188 runs. Measured on the first
+120 (zoology variant, one thread per run, median seconds): d_model 32: 14 (T = 64) / 28
+(T = 128); 64: 27 / 58; 128: 67 / 150 -- about 57 s per run over the grid, ~19 core-hours for
+all, ~9.5 hours with 2 workers. It resumes, so it runs in pieces (d_model 64 of both variants
+first); the finished runs are in docs/results/sweeps/mqar_catalogue-full.
 """
 
 from ttr import catalog
@@ -44,4 +45,8 @@ def runs(quick: bool) -> list[dict]:
                 for lr in lrs:
                     out.append(dict(task="mqar", layer=name, variant=variant, d_model=d,
                                     num_pairs=p, seq_len=t, lr=lr, steps=steps, **model))
-    return out
+    # Run order (not the set of runs, so finished runs keep their ids): the full sweep takes
+    # many sessions, so d_model 64 of both variants comes first, then 128, then 32 -- a partial
+    # sweep then holds whole design-space slices instead of one variant's first entries.
+    first = {64: 0, 128: 1, 32: 2}
+    return sorted(out, key=lambda r: first.get(r["d_model"], 3))
