@@ -19,7 +19,8 @@ Forms
   chunk      intra-chunk masked quadratic form + a recurrence over chunk states (as in GLA and
              Mamba-2's SSD). O(T C) memory. The intra-chunk decay factors come from an exact split
              of each chunk in halves (_decay_matrix, _intra_chunk_per_dim): every exponent is a
-             sum of gates over its own segment, so nothing overflows and gradients stay exact.
+             sum of gates over its own segment, so nothing overflows and gradients stay exact
+             (derivation: docs/linear_chunk.md).
 
 Numerics: every decay factor is evaluated as exp(a - b) with a <= b, i.e. exp of a non-positive
 number (masked entries become exp(-inf) = 0 before the exp, never after, so gradients stay finite).
