@@ -36,12 +36,8 @@ ALL_FORMS = {"linear_attention": ("recurrent", "parallel", "chunk"),
              "softmax_attention": ("recurrent", "fused")}
 DECAY_KINDS = {"linear_attention": ("none", "scalar", "dim"), "delta_rule": ("none", "scalar"),
                "rls": ("none", "scalar"), "softmax_attention": ("none",)}
-# forms that support fewer decay kinds than their op
-FORM_DECAY_KINDS: dict[tuple[str, str], tuple[str, ...]] = {}
-
-
-def kinds(op, form):
-    return FORM_DECAY_KINDS.get((op, form), DECAY_KINDS[op])
+def kinds(op, form):  # every form supports its op's decay kinds
+    return DECAY_KINDS[op]
 
 # (B, T, H, Dk, Dv, chunk_size)
 SIZES = [

@@ -78,6 +78,8 @@ def _product_inputs(B, T, H, D):  # DeltaProduct: n_h keys, values and step size
             _beta(B, T, H, N_H), _log_decay(B, T, H)]
 
 
+RIDGE = {"ridge": 1.0}  # both RLS rows
+
 OPS = {op.name: op for op in [
     Op("linear_attention", linear_attention, LINEAR_FORMS, _qkv(), "no decay (Eq. 2)"),
     Op("linear_attention_scalar", linear_attention, LINEAR_FORMS, _qkv(G),
@@ -92,10 +94,10 @@ OPS = {op.name: op for op in [
        "Titans-linear, scalar decay; its chunk form is a different function (chunk-start "
        "gradients) from its recurrent form"),
     Op("rls", rls, RLS_FORMS, _qkv(), "exact ridge regression, ridge 1, uniform weights",
-       {"ridge": 1.0}),
+       RIDGE),
     Op("rls_decay", rls, RLS_FORMS, _qkv(G), "ridge regression with scalar decay, ridge 1; "
-       "its chunk form is conjugate gradient (relative residual 1e-5 in fp32)", {"ridge": 1.0},
-       iterations=lambda q, k, v, g: cg_iterations(q, k, g, ridge=1.0)),
+       "its chunk form is conjugate gradient (relative residual 1e-5 in fp32)", RIDGE,
+       iterations=lambda q, k, v, g: cg_iterations(q, k, g, **RIDGE)),
     Op("softmax_attention", softmax_attention, LOCAL_FORMS, _qkv(), "causal SDPA"),
     Op("local_linear_attention", local_linear_attention, LOCAL_LINEAR_FORMS, _qkv(),
        "p = 1 (Eq. 52-54), ridge 0.1, bandwidth 2 sqrt(D); blocked: custom backward",

@@ -377,10 +377,9 @@ def _decay_matrix(g: torch.Tensor) -> torch.Tensor:
     blocks = []
     s = 2
     while s <= P:
-        gh = g.unflatten(-1, (P // s, 2, s // 2))  # [..., P/s, 2, h]
-        rows = torch.exp(gh[..., 1, :].cumsum(-1))  # [..., P/s, h] t in the second half
-        cols = torch.exp(_after(gh[..., 0, :], per_dim=False))  # [..., P/s, h] i in the first
-        blocks.append(rows.unsqueeze(-1) * cols.unsqueeze(-2))  # [..., P/s, h, h]
+        # the per-dimension factors with a single "dimension": [..., P/s, h, 1] each
+        rows, cols = _level_factors(g.unsqueeze(-1).unflatten(-2, (P // s, 2, s // 2)))
+        blocks.append(rows * cols.mT)  # [..., P/s, h(t), h(i)] outer products
         s *= 2
     D = _assemble_lower(torch.ones_like(g), blocks)  # [..., P, P]
     return D[..., :C, :C]

@@ -43,15 +43,22 @@ def default_tol(dtype: torch.dtype) -> float:
     return 1e-12 if dtype == torch.float64 else 1e-5
 
 
+def _system(q, k, beta, ridge, s0, tol, max_iter):
+    """What both entry points share: (the Gram's inputs minus g, i.e. (beta k, k); H_kk,0;
+    H_kv,0; ridge as [Dk]; tol; max_iter) with the documented defaults filled in."""
+    Dk = q.shape[-1]
+    ridge = torch.as_tensor(ridge, dtype=q.dtype, device=q.device).expand(Dk)
+    bk = k if beta is None else beta.unsqueeze(-1) * k  # [B, T, H, Dk]
+    Hkk0, Hkv0 = (None, None) if s0 is None else s0
+    return (bk, k, Hkk0, Hkv0, ridge, default_tol(q.dtype) if tol is None else tol,
+            2 * Dk if max_iter is None else max_iter)
+
+
 def cg_rls(q, k, v, g, beta, ridge, s0, C, *, tol=None, max_iter=None):
     """q, k [B, T, H, Dk], v [B, T, H, Dv], g None or [B, T, H] log-decay, beta None or [B, T, H],
     ridge [Dk], s0 None or (H_kk [B, H, Dk, Dk], H_kv [B, H, Dk, Dv]); validated, in one dtype.
     Returns o [B, T, H, Dv] and the final pair (H_kk, H_kv)."""
-    Dk = q.shape[-1]
-    tol = default_tol(q.dtype) if tol is None else tol
-    max_iter = 2 * Dk if max_iter is None else max_iter
-    bk = k if beta is None else beta.unsqueeze(-1) * k  # [B, T, H, Dk]
-    Hkk0, Hkv0 = (None, None) if s0 is None else s0
+    bk, k, Hkk0, Hkv0, ridge, tol, max_iter = _system(q, k, beta, ridge, s0, tol, max_iter)
     gram = (bk, k, g, Hkk0, ridge)
     with torch.no_grad():
         x, _ = _cg(q, lambda p: _matvec(p, *gram, C), tol, max_iter)  # [B, T, H, Dk]
@@ -82,15 +89,10 @@ def cg_iterations(q, k, g, beta=None, *, ridge, initial_state=None, chunk_size=6
     B T H systems decides): a diagnostic for choosing ridge, tol and max_iter, and the count
     behind `ttr bench`'s FLOP rate of the decayed chunk form. Inputs as for `ttr.ops.rls`
     (q, k [B, T, H, Dk], g [B, T, H], ridge a float or [Dk])."""
-    Dk = q.shape[-1]
-    ridge_ = ridge if isinstance(ridge, torch.Tensor) else torch.full((Dk,), float(ridge),
-                                                                     dtype=q.dtype)
-    bk = k if beta is None else beta.unsqueeze(-1) * k
-    Hkk0 = None if initial_state is None else initial_state[0]
+    bk, k, Hkk0, _, ridge, tol, max_iter = _system(q, k, beta, ridge, initial_state, tol,
+                                                   max_iter)
     with torch.no_grad():
-        _, n = _cg(q, lambda p: _matvec(p, bk, k, g, Hkk0, ridge_, chunk_size),
-                   default_tol(q.dtype) if tol is None else tol,
-                   2 * Dk if max_iter is None else max_iter)
+        _, n = _cg(q, lambda p: _matvec(p, bk, k, g, Hkk0, ridge, chunk_size), tol, max_iter)
     return n
 
 
