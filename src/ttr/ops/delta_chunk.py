@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ttr.ops.common import check_like, check_log_decay, check_qkv, check_state
+from ttr.ops.decay import decay_exp, decay_matrix, must_flush
 from ttr.ops.linear import check_chunk_size, compute_dtype
 
 # Step 3, measured on the dev machine (2-core Xeon, torch 2.13 CPU, 1 thread, fp32; a batch of
@@ -102,7 +103,6 @@ def _chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state, chunk
     bc = chunks(beta)  # [B, H, N, C]
     eye = torch.eye(C, dtype=cd, device=q.device)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # r >= i
-    strict = causal.tril(-1)  # r > i
 
     # 1. decay ratios Gamma_ri = exp(G_r - G_i) for r >= i, and e^{G_r}, e^{G_C - G_r}
     if g is None:
@@ -112,16 +112,16 @@ def _chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state, chunk
         gc = chunks(g)  # [B, H, N, C]
         # log Gamma_ri as the segment sum g_{i+1} + ... + g_r, not as G_r - G_i: both are <= 0,
         # but the difference leaves rounding noise of size eps * Gamma in the gradient of every
-        # g_j (exactly cancelling terms, the diagonal included), which swamps the true gradient
-        # when the decay is strong (it is then tiny). Summing only over i < j <= r has none.
-        seg = gc.unsqueeze(-1).expand(*gc.shape, C)  # [B, H, N, C, C], seg[j, i] = g_j
-        seg = seg.masked_fill(~strict, 0.0).cumsum(-2)  # [r, i] = sum_{i<j<=r} g_j
-        # Mask before exp: above the diagonal the sums are meaningless and may be positive.
-        gamma = seg.masked_fill(~causal, float("-inf")).exp()  # [B, H, N, C, C]
+        # g_j, which swamps the true gradient when the decay is strong (it is then tiny).
+        # decay_matrix sums only over i < j <= r, and flushes factors that would underflow
+        # (whose exp is ~60x slower) to 0 when the chunk's total decay reaches that far.
         G = gc.cumsum(-1)  # [B, H, N, C], log decay from the chunk start through r
-        qd, kd = qc * G.exp().unsqueeze(-1), kc * G.exp().unsqueeze(-1)  # [B, H, N, C, Dk]
+        flush = must_flush(G[..., -1])
+        gamma = decay_matrix(gc, flush)  # [B, H, N, C, C], zero above the diagonal
+        eG = decay_exp(G, flush).unsqueeze(-1)  # [B, H, N, C, 1]
+        qd, kd = qc * eG, kc * eG  # [B, H, N, C, Dk]
         kend = kc * gamma[..., -1, :].unsqueeze(-1)  # decay from r to the chunk end
-        total = G[..., -1].exp()  # [B, H, N]
+        total = eG[..., -1, 0]  # [B, H, N]
 
     # 2. A = strictly_lower(diag(beta) K K^T * Gamma); the rows of I + A are the WY recurrence
     kkt = kc @ kc.transpose(-1, -2)  # [B, H, N, C, C]

@@ -17,8 +17,9 @@ Forms
   parallel   o = (Q K^T * Dec) V with Dec[t, i] = exp(G_t - G_i) for i <= t, G = cumsum(g):
              O(T^2) memory (O(T^2 Dk) for per-dimension decay).
   chunk      intra-chunk masked quadratic form + a recurrence over chunk states (as in GLA and
-             Mamba-2's SSD). O(T C) memory. The intra-chunk decay factors come from an exact split
-             of each chunk in halves (_decay_matrix, _intra_chunk_per_dim): every exponent is a
+             Mamba-2's SSD). O(T C) memory. The intra-chunk decay factors are exact segment
+             sums: for scalar decay one matmul with a 0/1 operator (decay_matrix), per dimension
+             an exact split of each chunk in halves (_intra_chunk_per_dim). Every exponent is a
              sum of gates over its own segment, so nothing overflows and gradients stay exact
              (derivation: docs/linear_chunk.md).
 
@@ -35,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from ttr.ops.common import (
-    _is_compiling,
     check_cu_seqlens,
     check_finite,
     check_form,
@@ -46,6 +46,7 @@ from ttr.ops.common import (
     scan,
     varlen,
 )
+from ttr.ops.decay import constant, decay_exp, decay_matrix, must_flush
 
 FORMS = ("recurrent", "parallel", "chunk")
 
@@ -242,38 +243,88 @@ def chunk_linear_attention(q, k, v, g, s0, C):
     q, k, v = chunks(q), chunks(k), chunks(v)  # [B, H, n, C, D]
     if g is None:
         return _chunk_no_decay(q, k, v, s0, T)
+    if not per_dim:
+        return _chunk_scalar_decay(q, k, v, chunks(g), s0, T)
 
     # 1. cumulative log-decay within each chunk, relative to the chunk start (<= 0)
-    gc = chunks(g if per_dim else g.unsqueeze(-1))  # [B, H, n, C, Dk|1]
-    b = _cumsum(gc, 0, reverse=False)  # [B, H, n, C, Dk|1]
+    gc = chunks(g)  # [B, H, n, C, Dk]
+    b = _cumsum(gc, 0, reverse=False)  # [B, H, n, C, Dk]
+    # every exponent below is a partial sum within a chunk, so >= the chunk's total
+    flush = must_flush(b[:, :, :, -1])
 
     # 2. intra-chunk outputs: the quadratic form on each chunk
-    if per_dim:
-        A = _intra_chunk_per_dim(q, k, gc)
-    else:
-        A = (q @ k.mT) * _decay_matrix(gc.squeeze(-1))  # [B, H, n, C, C]
-    o = A @ v  # [B, H, n, C, Dv]
+    o = _intra_chunk_per_dim(q, k, gc, flush) @ v  # [B, H, n, C, Dv]
 
     # 3. what each chunk adds to the state, decayed to the chunk end (exponent b_C - b_i <= 0):
     # sum_{j > i} g_j as a reverse exclusive cumsum, not b_C - b_i (see _segment_sums for why
     # the difference is avoided)
-    to_end = _cumsum(gc, -1, reverse=True)  # [B, H, n, C, Dk|1]
-    U = (k * torch.exp(to_end)).mT @ v  # [B, H, n, Dk, Dv]
+    to_end = _cumsum(gc, -1, reverse=True)  # [B, H, n, C, Dk]
+    U = (k * decay_exp(to_end, flush)).mT @ v  # [B, H, n, Dk, Dv]
 
     # 4. state passing: S entering chunk c+1 = diag(exp(b_C)) S entering chunk c + U_c
-    decay = torch.exp(b[:, :, :, -1]).unsqueeze(-1)  # [B, H, n, Dk|1, 1]
-    S = s0 if s0 is not None else q.new_zeros(B, H, Dk, Dv)
-    starts = []
-    # unbind, not U[:, :, c]: indexing's backward writes a full-size zero gradient per chunk
-    for decay_c, U_c in zip(decay.unbind(2), U.unbind(2), strict=True):
-        starts.append(S)
-        S = torch.addcmul(U_c, decay_c, S)
-    S0 = torch.stack(starts, dim=2)  # [B, H, n, Dk, Dv]
+    S0, S = _pass_states(U, b[:, :, :, -1], s0)  # chunk log-decays [B, H, n, Dk]
 
     # 5. inter-chunk outputs: queries read the entering state, decayed from the chunk start
-    o = o + (q * torch.exp(b)) @ S0
+    o = o + (q * decay_exp(b, flush)) @ S0
     o = o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2)  # [B, T, H, Dv], a view
     return o, S
+
+
+def _chunk_scalar_decay(q, k, v, g, s0, T):
+    """`chunk_linear_attention` with one log-decay per head, q, k, v chunked [B, H, n, C, D],
+    g [B, H, n, C]. Every decay factor is a column or a row of the chunk's decay matrix
+    D[t, i] = exp(g_{i+1} + ... + g_t) or exp of an inclusive cumsum, so every exponent is a sum
+    over its own segment (exact gradients under any decay, see _segment_sums)."""
+    B, H, n, C, Dv = v.shape
+    a = g.sum(-1)  # [B, H, n] the chunks' total log-decays, a bound on every exponent below
+    flush = must_flush(a)
+    D = decay_matrix(g, flush)  # [B, H, n, C, C]
+    o = ((q @ k.mT) * D) @ v  # [B, H, n, C, Dv] intra-chunk
+    # D's last row is the decay from each step to the chunk end, exp(sum_{i<j<=C-1} g_j)
+    U = (k * D[..., -1, :].unsqueeze(-1)).mT @ v  # [B, H, n, Dk, Dv]
+    e = decay_exp(torch.cumsum(g, -1), flush)  # [B, H, n, C], from the chunk start through t
+    S0, S = _pass_states(U, a, s0)
+    # inter-chunk: queries read the entering state; addcmul scales and adds in one pass
+    o = torch.addcmul(o, e.unsqueeze(-1), q @ S0)  # [B, H, n, C, Dv]
+    return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
+
+
+STATE_GROUP = 32  # chunks per matmul in _pass_states and _exclusive_prefix_sum
+
+
+def _pass_states(U: torch.Tensor, a: torch.Tensor, s0):
+    """States entering each chunk under decay, S0_{c+1} = diag(exp(a_c)) S0_c + U_c with
+    S0_0 = s0 (or 0): U [B, H, n, Dk, Dv] the chunks' own contributions, a the chunks' total
+    log-decays, [B, H, n] (scalar) or [B, H, n, Dk] (per key dimension). Returns S0
+    [B, H, n, Dk, Dv] and the state after the last chunk [B, H, Dk, Dv].
+
+    Unrolled, S0_c = sum_{p <= c} exp(a'_{p+1} + ... + a'_c) U'_p with U'_0 = s0, U'_p =
+    U_{p-1} and a'_p = a_{p-1}: one decay matrix (decay_matrix, over chunks instead of steps)
+    times the stacked contributions, so the state recurrence is one matmul, not n dependent
+    steps whose backward took ~0.3 ms each. In groups of STATE_GROUP chunks, each group's
+    incoming state being its U'_0, so the cost stays linear in n. Per key dimension, each row
+    of the state is its own chain: the decay matrix gets a Dk axis."""
+    B, H, n, Dk, Dv = U.shape
+    per_dim = a.ndim == 4
+    if per_dim:  # [B, H, Dk, n, Dv] chains, one per key dimension
+        X, a = U.transpose(2, 3), a.transpose(2, 3)  # a: [B, H, Dk, n]
+        carry = None if s0 is None else s0.unsqueeze(3)  # [B, H, Dk, 1, Dv]
+    else:  # one chain over whole flattened states
+        X, a = U.reshape(B, H, 1, n, Dk * Dv), a.unsqueeze(2)  # a: [B, H, 1, n]
+        carry = None if s0 is None else s0.reshape(B, H, 1, 1, Dk * Dv)
+    starts = []
+    for Ug, ag in zip(X.split(STATE_GROUP, 3), a.split(STATE_GROUP, 3), strict=True):
+        # [.., m+1, m+1], position 0 the carry; always flushed: its exponents span many chunks
+        D = decay_matrix(F.pad(ag, (1, 0)))
+        Y = D[..., 1:] @ Ug  # [.., m+1, width]: rows 0..m-1 enter the chunks, row m leaves
+        if carry is not None:
+            Y = torch.addcmul(Y, D[..., :1], carry)
+        starts.append(Y[..., :-1, :])
+        carry = Y[..., -1:, :]
+    S0 = starts[0] if len(starts) == 1 else torch.cat(starts, dim=3)  # [B, H, Dk|1, n, width]
+    if per_dim:
+        return S0.transpose(2, 3), carry.squeeze(3)  # [B, H, n, Dk, Dv], [B, H, Dk, Dv]
+    return S0.reshape(B, H, n, Dk, Dv), carry.reshape(B, H, Dk, Dv)
 
 
 def _chunk_no_decay(q, k, v, s0, T):
@@ -290,23 +341,20 @@ def _chunk_no_decay(q, k, v, s0, T):
     return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
 
 
-PREFIX_GROUP = 32  # chunks per triangular matmul in _exclusive_prefix_sum
-
-
 def _exclusive_prefix_sum(U: torch.Tensor, s0: torch.Tensor | None) -> torch.Tensor:
     """X[:, :, c] = s0 + U[:, :, 0] + ... + U[:, :, c - 1] for U [B, H, n, Dk, Dv].
 
-    As a strictly-lower-triangular ones matrix times U, in groups of PREFIX_GROUP chunks (the
+    As a strictly-lower-triangular ones matrix times U, in groups of STATE_GROUP chunks (the
     running total carried from group to group): torch.cumsum along a non-last axis ran ~8x
     slower than this matmul (10 ms vs 1.3 ms for n = 32, 16 heads, 64 x 64, one thread), and
     grouping keeps the matmul's cost linear in n.
     """
     B, H, n, Dk, Dv = U.shape
-    tri = torch.ones(PREFIX_GROUP, PREFIX_GROUP, dtype=U.dtype, device=U.device).tril(-1)
+    tri = torch.ones(STATE_GROUP, STATE_GROUP, dtype=U.dtype, device=U.device).tril(-1)
     flat = U.reshape(B, H, n, Dk * Dv)
     total = None if s0 is None else s0.reshape(B, H, 1, Dk * Dv)
     out = []
-    for part in flat.split(PREFIX_GROUP, dim=2):  # [B, H, <= G, Dk * Dv]
+    for part in flat.split(STATE_GROUP, dim=2):  # [B, H, <= G, Dk * Dv]
         m = part.shape[2]
         X = tri[:m, :m] @ part  # [B, H, m, Dk * Dv]
         if total is not None:
@@ -317,17 +365,8 @@ def _exclusive_prefix_sum(U: torch.Tensor, s0: torch.Tensor | None) -> torch.Ten
     return X.reshape(B, H, n, Dk, Dv)
 
 
-_LOWER_INDEX: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
 def _lower_index(P: int, device: torch.device) -> torch.Tensor:
-    """`_build_lower_index`, cached per (P, device) in eager mode; under torch.compile it is
-    traced (a cache would be a side effect dynamo warns about)."""
-    if _is_compiling():
-        return _build_lower_index(P, device)
-    if (P, device) not in _LOWER_INDEX:
-        _LOWER_INDEX[(P, device)] = _build_lower_index(P, device)
-    return _LOWER_INDEX[(P, device)]
+    return constant(("lower", P, device), lambda: _build_lower_index(P, device))
 
 
 def _build_lower_index(P: int, device: torch.device) -> torch.Tensor:
@@ -363,28 +402,6 @@ def _assemble_lower(diag: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Ten
     return flat.view(*diag.shape[:-1], P, P)
 
 
-def _decay_matrix(g: torch.Tensor) -> torch.Tensor:
-    """D[t, i] = exp(g_{i+1} + ... + g_t) for i <= t, 0 above the diagonal; g [..., C] ->
-    D [..., C, C]. The scalar-decay version of _intra_chunk_per_dim's split in halves: at the
-    level where i is in the first half and t in the second half of a block with midpoint m,
-    D[t, i] = exp(sum_{m<=j<=t} g_j) * exp(sum_{i<j<m} g_j), an outer product of two vectors of
-    factors <= 1, each exponent a segment sum (exact gradients, see _segment_sums). Only O(C)
-    exps per level instead of C^2 masked sums and exps (which cost 20 ms of a 46 ms forward)."""
-    *lead, C = g.shape
-    P = 1 << (C - 1).bit_length()
-    if P != C:
-        g = F.pad(g, (0, P - C))
-    blocks = []
-    s = 2
-    while s <= P:
-        # the per-dimension factors with a single "dimension": [..., P/s, h, 1] each
-        rows, cols = _level_factors(g.unsqueeze(-1).unflatten(-2, (P // s, 2, s // 2)))
-        blocks.append(rows * cols.mT)  # [..., P/s, h(t), h(i)] outer products
-        s *= 2
-    D = _assemble_lower(torch.ones_like(g), blocks)  # [..., P, P]
-    return D[..., :C, :C]
-
-
 def _segment_sums(g: torch.Tensor) -> torch.Tensor:
     """log-decays L[t, i] = g_{i+1} + ... + g_t for i <= t, -inf above the diagonal. [..., C, C]
 
@@ -416,7 +433,7 @@ def _after(g: torch.Tensor, per_dim: bool) -> torch.Tensor:
     return shifted.flip(dim).cumsum(dim).flip(dim)
 
 
-def _intra_chunk_per_dim(q, k, g):
+def _intra_chunk_per_dim(q, k, g, flush=True):
     """Scores A[t, i] = sum_d q_td k_id exp(sum_{i<j<=t} g_jd) (i <= t, 0 above the diagonal)
     for per-dimension decay; q, k, g: [B, H, n, C, Dk] -> A [B, H, n, C, C].
 
@@ -443,7 +460,7 @@ def _intra_chunk_per_dim(q, k, g):
     P = 1 << (C - 1).bit_length()  # the next power of two
     if P != C:
         q, k, g = (F.pad(x, (0, 0, 0, P - C)) for x in (q, k, g))
-    return _PerDimScores.apply(q, k, g)[..., :C, :C]
+    return _PerDimScores.apply(q, k, g, flush)[..., :C, :C]
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -469,11 +486,12 @@ def _cumsum(x: torch.Tensor, diagonal: int, reverse: bool) -> torch.Tensor:
     return tri @ x
 
 
-def _level_factors(gh: torch.Tensor):
+def _level_factors(gh: torch.Tensor, flush: bool):
     """gh [.., P/s, 2, h, Dk] -> (exp(sum_{m<=j<=t} g_j) for t in the second half,
     exp(sum_{i<j<m} g_j) for i in the first half), each [.., P/s, h, Dk]."""
     g1, g2 = gh.unbind(-3)
-    return torch.exp(_cumsum(g2, 0, reverse=False)), torch.exp(_cumsum(g1, -1, reverse=True))
+    return (decay_exp(_cumsum(g2, 0, reverse=False), flush),
+            decay_exp(_cumsum(g1, -1, reverse=True), flush))
 
 
 class _PerDimScores(torch.autograd.Function):
@@ -485,16 +503,17 @@ class _PerDimScores(torch.autograd.Function):
     plus the diagonal: dq += dA_tt k_t, dk += dA_tt q_t."""
 
     @staticmethod
-    def forward(ctx, q, k, g):
+    def forward(ctx, q, k, g, flush):
         P = q.shape[-2]
         blocks = []
         s = 2
         while s <= P:
             qh, kh, gh = (x.unflatten(-2, (P // s, 2, s // 2)) for x in (q, k, g))
-            e2, e1 = _level_factors(gh)
+            e2, e1 = _level_factors(gh, flush)
             blocks.append(_mm(qh[..., 1, :, :] * e2, (kh[..., 0, :, :] * e1).mT))
             s *= 2
         ctx.save_for_backward(q, k, g)
+        ctx.flush = flush
         return _assemble_lower((q * k).sum(-1), blocks)  # [.., P, P]
 
     @staticmethod
@@ -511,7 +530,7 @@ class _PerDimScores(torch.autograd.Function):
             h = s // 2
             qh, kh, gh = (x.unflatten(-2, (P // s, 2, h)) for x in (q, k, g))
             dqh, dkh, dgh = (x.unflatten(-2, (P // s, 2, h)) for x in (dq, dk, dg))  # views
-            e2, e1 = _level_factors(gh)
+            e2, e1 = _level_factors(gh, ctx.flush)
             qd, kd = qh[..., 1, :, :] * e2, kh[..., 0, :, :] * e1
             G = torch.diagonal(dA.view(*dA.shape[:-2], P // s, s, P // s, s), dim1=-4,
                                dim2=-2)[..., h:, :h, :].movedim(-1, -3)  # [.., P/s, h, h]
@@ -521,4 +540,4 @@ class _PerDimScores(torch.autograd.Function):
             dgh[..., 1, :, :] += _cumsum(dqd * qd, 0, reverse=True)
             dgh[..., 0, :, :] += _cumsum(dkd * kd, -1, reverse=False)
             s *= 2
-        return dq, dk, dg
+        return dq, dk, dg, None
