@@ -248,7 +248,7 @@ def _check_gates(i_name, f_name, i, f, ref, shape, what):
             raise ValueError(f"{name}: mLSTM needs a gate of shape {what} = {list(shape)}, "
                              "got None")
         check_like(name, x, ref, shape, what)
-    if not _is_compiling() and bool((f > 0).any()):
+    if not _is_compiling() and bool(f.amax() > 0):
         raise ValueError(f"{f_name}: expected a log forget gate <= 0 (e.g. logsigmoid of the "
                          f"pre-activation), got max {f.max().item():.4g}")
 

@@ -150,7 +150,7 @@ def _check_w(name, w, ref, shape, what):
         raise ValueError(f"{name}: RWKV-6 needs a per-dimension log-decay of shape {what} = "
                          f"{list(shape)}, got None")
     check_like(name, w, ref, shape, what)
-    if not _is_compiling() and bool((w > 0).any()):
+    if not _is_compiling() and bool(w.amax() > 0):
         raise ValueError(f"{name}: expected log-decay <= 0 (decay exp(w) in (0, 1]), got max "
                          f"{w.max().item():.4g}")
 
