@@ -185,7 +185,7 @@ def test_softmax_bandwidth_is_gaussian_kernel_and_eq51():
      for f in ("recurrent", "fused")])
 def test_gradcheck(op, form, decay, monkeypatch):
     # chunks of 4 over T = 5: the per-dimension path's split in halves has two levels, and
-    # the no-decay path's prefix sum runs one chunk per group (the carry between groups is used)
+    # the chunk-state passing runs one chunk per group (the carry between groups is used)
     monkeypatch.setattr(linear_module, "STATE_GROUP", 1)
     B, T, H, Dk, Dv = 1, 5, 1, 3, 2
     variant = 1 if decay == "bandwidth" else 5  # rls: beta given and ridge a tensor

@@ -289,7 +289,7 @@ def _chunk_scalar_decay(q, k, v, g, s0, T):
     return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
 
 
-STATE_GROUP = 32  # chunks per matmul in _pass_states and _exclusive_prefix_sum
+STATE_GROUP = 32  # chunks per matmul in _pass_states
 
 
 def _pass_states(U: torch.Tensor, a: torch.Tensor, s0):
@@ -303,7 +303,9 @@ def _pass_states(U: torch.Tensor, a: torch.Tensor, s0):
     times the stacked contributions, so the state recurrence is one matmul, not n dependent
     steps whose backward took ~0.3 ms each. In groups of STATE_GROUP chunks, each group's
     incoming state being its U'_0, so the cost stays linear in n. Per key dimension, each row
-    of the state is its own chain: the decay matrix gets a Dk axis."""
+    of the state is its own chain: the decay matrix gets a Dk axis. (torch.cumsum along the
+    chunk axis, the no-decay special case, ran ~8x slower than the matmul: 10 ms vs 1.3 ms for
+    n = 32, 16 heads, 64 x 64, one thread.)"""
     B, H, n, Dk, Dv = U.shape
     per_dim = a.ndim == 4
     if per_dim:  # [B, H, Dk, n, Dv] chains, one per key dimension
@@ -316,11 +318,12 @@ def _pass_states(U: torch.Tensor, a: torch.Tensor, s0):
     for Ug, ag in zip(X.split(STATE_GROUP, 3), a.split(STATE_GROUP, 3), strict=True):
         # [.., m+1, m+1], position 0 the carry; always flushed: its exponents span many chunks
         D = decay_matrix(F.pad(ag, (1, 0)))
-        Y = D[..., 1:] @ Ug  # [.., m+1, width]: rows 0..m-1 enter the chunks, row m leaves
+        S0g = D[..., :-1, 1:] @ Ug  # [.., m, width] the states entering the group's chunks
         if carry is not None:
-            Y = torch.addcmul(Y, D[..., :1], carry)
-        starts.append(Y[..., :-1, :])
-        carry = Y[..., -1:, :]
+            S0g = torch.addcmul(S0g, D[..., :-1, :1], carry)
+        starts.append(S0g)
+        # the state leaving the group: one more step from its last chunk (D[m, m-1] = e^{a_m})
+        carry = torch.addcmul(Ug[..., -1:, :], D[..., -1:, -2:-1], S0g[..., -1:, :])
     S0 = starts[0] if len(starts) == 1 else torch.cat(starts, dim=3)  # [B, H, Dk|1, n, width]
     if per_dim:
         return S0.transpose(2, 3), carry.squeeze(3)  # [B, H, n, Dk, Dv], [B, H, Dk, Dv]
@@ -329,40 +332,15 @@ def _pass_states(U: torch.Tensor, a: torch.Tensor, s0):
 
 def _chunk_no_decay(q, k, v, s0, T):
     """`chunk_linear_attention` without decay, q, k, v chunked [B, H, n, C, D]: the state
-    entering chunk c is s0 + U_0 + ... + U_{c-1}, an exclusive cumsum of the chunk updates
-    U_c = K_c^T V_c, so no Python loop over chunks and no decay factors of 1."""
+    entering chunk c is s0 + U_0 + ... + U_{c-1}, the chunk updates U_c = K_c^T V_c passed by
+    `_pass_states` with zero log-decays (its decay matrix is then the lower ones matrix)."""
     B, H, n, C, Dv = v.shape
     o = (q @ k.mT).tril_() @ v  # [B, H, n, C, Dv] intra-chunk (tril_ is safe: matmul's
     # backward needs q and k, not its output)
     U = k.mT @ v  # [B, H, n, Dk, Dv]
-    S0 = _exclusive_prefix_sum(U, s0)  # [B, H, n, Dk, Dv] entering states
-    S = S0[:, :, -1] + U[:, :, -1]  # [B, H, Dk, Dv]
+    S0, S = _pass_states(U, U.new_zeros(B, H, n), s0)  # [B, H, n, Dk, Dv] entering states
     o = o + q @ S0
     return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
-
-
-def _exclusive_prefix_sum(U: torch.Tensor, s0: torch.Tensor | None) -> torch.Tensor:
-    """X[:, :, c] = s0 + U[:, :, 0] + ... + U[:, :, c - 1] for U [B, H, n, Dk, Dv].
-
-    As a strictly-lower-triangular ones matrix times U, in groups of STATE_GROUP chunks (the
-    running total carried from group to group): torch.cumsum along a non-last axis ran ~8x
-    slower than this matmul (10 ms vs 1.3 ms for n = 32, 16 heads, 64 x 64, one thread), and
-    grouping keeps the matmul's cost linear in n.
-    """
-    B, H, n, Dk, Dv = U.shape
-    tri = torch.ones(STATE_GROUP, STATE_GROUP, dtype=U.dtype, device=U.device).tril(-1)
-    flat = U.reshape(B, H, n, Dk * Dv)
-    total = None if s0 is None else s0.reshape(B, H, 1, Dk * Dv)
-    out = []
-    for part in flat.split(STATE_GROUP, dim=2):  # [B, H, <= G, Dk * Dv]
-        m = part.shape[2]
-        X = tri[:m, :m] @ part  # [B, H, m, Dk * Dv]
-        if total is not None:
-            X = X + total
-        out.append(X)
-        total = X[:, :, -1:] + part[:, :, -1:]  # the sum through this group's last chunk
-    X = out[0] if len(out) == 1 else torch.cat(out, dim=2)
-    return X.reshape(B, H, n, Dk, Dv)
 
 
 def _lower_index(P: int, device: torch.device) -> torch.Tensor:
