@@ -7,6 +7,7 @@ what it got and what was expected, instead of a silent broadcast deep inside a m
 
 `varlen` implements `cu_seqlens` for any op by running it once per packed sequence; it is
 exact by construction, which makes it the spec that faster packed kernels are tested against.
+`constant` caches the small index and operator tensors the chunk forms build once per size.
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _is_compiling() -> bool:
     # Value checks read tensor data; under torch.compile that would break the graph.
     return bool(getattr(torch.compiler, "is_compiling", lambda: False)())
+
+
+_CONSTANTS: dict[tuple, object] = {}
+
+
+def constant(key: tuple, build):
+    """build(), cached under `key` in eager mode; under torch.compile it is traced (a cache
+    would be a side effect dynamo warns about)."""
+    if _is_compiling():
+        return build()
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = build()
+    return _CONSTANTS[key]
 
 
 def check_tensor(name: str, x, ndim: int | None = None) -> torch.Tensor:

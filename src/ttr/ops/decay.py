@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ttr.ops.common import _is_compiling
+from ttr.ops.common import _is_compiling, constant
 
 # log(smallest normal) + 8, so that a flushed factor times an entry of size >= e^-8 stays normal
 EXP_FLOOR = {dt: math.log(torch.finfo(dt).tiny) + 8 for dt in (torch.float32, torch.float64)}
@@ -96,19 +96,6 @@ class _FlushedExp(torch.autograd.Function):
         C = E.shape[-1]
         W = _segment_operator(C, E.dtype, E.device)
         return (dL.reshape(-1, C * C) @ W.T).view(E.shape[:-1]), None, None
-
-
-_CONSTANTS: dict[tuple, object] = {}
-
-
-def constant(key: tuple, build):
-    """build(), cached under `key` in eager mode; under torch.compile it is traced (a cache
-    would be a side effect dynamo warns about)."""
-    if _is_compiling():
-        return build()
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = build()
-    return _CONSTANTS[key]
 
 
 def _segment_operator(C: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

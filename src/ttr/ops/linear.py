@@ -43,10 +43,11 @@ from ttr.ops.common import (
     check_qkv,
     check_state,
     check_tensor,
+    constant,
     scan,
     varlen,
 )
-from ttr.ops.decay import constant, decay_exp, decay_matrix, must_flush
+from ttr.ops.decay import decay_exp, decay_matrix, must_flush
 
 FORMS = ("recurrent", "parallel", "chunk")
 
