@@ -1,0 +1,115 @@
+"""Half-precision chunk forms: matmuls in bf16, decays and states in float32.
+
+Under `torch.autocast` (float32 inputs) and for bf16 inputs, the chunk form casts q, k, v once
+and runs its matmuls in bf16 (`half_matmul_dtype`); the decay factors are computed in float32
+and the state passed between chunks is summed in float32. Checked against the float32 chunk form
+(itself checked against the spec in test_ops_forms): outputs, gradients and the final state to
+the bf16 tolerance (2e-2 relative RMSE), the carried state, packed sequences and ragged T.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttr.ops import linear_attention
+from ttr.ops.linear import half_matmul_dtype
+from ttr.testing import assert_close
+
+BF16, F32 = torch.bfloat16, torch.float32
+KINDS = ["none", "scalar", "dim"]
+
+
+def inputs(kind, B=2, T=150, H=2, D=16, seed=0, strength=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    shape = {"none": None, "scalar": (B, T, H), "dim": (B, T, H, D)}[kind]
+    g = None if shape is None else -strength * torch.rand(shape, generator=gen)
+    return q, k, v, g
+
+
+def leaves(*xs):
+    return [None if x is None else x.clone().requires_grad_() for x in xs]
+
+
+def grads(xs):
+    return [None if x is None else x.grad for x in xs]
+
+
+def test_half_matmul_dtype():
+    x = torch.zeros(2)
+    assert half_matmul_dtype(x) is None
+    assert half_matmul_dtype(x.to(BF16)) == BF16
+    assert half_matmul_dtype(x.double()) is None
+    with torch.autocast("cpu", dtype=BF16):
+        assert half_matmul_dtype(x) == BF16
+        assert half_matmul_dtype(x.double()) is None  # autocast leaves float64 alone
+    with torch.autocast("cpu", dtype=BF16, enabled=False):
+        assert half_matmul_dtype(x) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_autocast_matches_float32(kind, chunk_size):
+    """T = 150 is not a multiple of the chunk size; the last chunk is padded."""
+    q, k, v, g = inputs(kind)
+    s0 = torch.randn(2, 2, 16, 16)
+    w = torch.randn(2, 150, 2, 16)
+    ref = leaves(q, k, v, g, s0)
+    o_ref, s_ref = linear_attention(*ref[:4], initial_state=ref[4], output_final_state=True,
+                                    chunk_size=chunk_size)
+    ((o_ref * w).sum() + s_ref.sum()).backward()
+    half = leaves(q, k, v, g, s0)
+    with torch.autocast("cpu", dtype=BF16):
+        o, s = linear_attention(*half[:4], initial_state=half[4], output_final_state=True,
+                                chunk_size=chunk_size)
+    assert o.dtype == BF16 and s.dtype == F32
+    ((o.float() * w).sum() + s.sum()).backward()
+    assert_close(o, o_ref, dtype=BF16, what=f"{kind} output")
+    assert_close(s, s_ref, dtype=BF16, what=f"{kind} final state")
+    for name, a, b in zip("q k v g s0".split(), grads(half), grads(ref), strict=True):
+        if b is None:
+            continue
+        assert a.dtype == F32, name  # the gradients of float32 leaves are float32
+        assert_close(a, b, dtype=BF16, what=f"{kind} d{name}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_inputs_keep_float32_state(kind):
+    q, k, v, g = inputs(kind, seed=1)
+    o_ref, s_ref = linear_attention(q, k, v, g, output_final_state=True)
+    xb = [None if x is None else x.to(BF16) for x in (q, k, v)] + [g if g is None else g.to(BF16)]
+    o, s = linear_attention(*xb, output_final_state=True)
+    assert o.dtype == BF16 and s.dtype == F32
+    assert_close(o, o_ref, dtype=BF16)
+    assert_close(s, s_ref, dtype=BF16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_state_carry_and_packed(kind):
+    """A split carried through the float32 state, and packed sequences, equal one pass."""
+    q, k, v, g = inputs(kind, B=1, T=100, seed=2)
+    with torch.autocast("cpu", dtype=BF16):
+        o, s = linear_attention(q, k, v, g, output_final_state=True, chunk_size=16)
+        part = [None if x is None else x[:, :37] for x in (q, k, v, g)]
+        rest = [None if x is None else x[:, 37:] for x in (q, k, v, g)]
+        o1, s1 = linear_attention(*part, output_final_state=True, chunk_size=16)
+        o2, s2 = linear_attention(*rest, initial_state=s1, output_final_state=True, chunk_size=16)
+        assert s1.dtype == F32
+        cu = torch.tensor([0, 37, 100])
+        op, sp = linear_attention(q, k, v, g, output_final_state=True, chunk_size=16,
+                                  cu_seqlens=cu)
+    assert_close(torch.cat([o1, o2], 1), o, dtype=BF16)
+    assert_close(s2, s, dtype=BF16)
+    assert_close(op[:, :37], o1, dtype=BF16)
+    assert_close(sp[1], linear_attention(*rest, output_final_state=True)[1][0], dtype=BF16)
+
+
+def test_autocast_strong_decay_stays_finite():
+    """Chunks whose total decay underflows (g = -20 per step) under bf16 matmuls."""
+    q, k, v, g = inputs("dim", T=128, seed=3, strength=20.0)
+    ref = linear_attention(q, k, v, g)[0]
+    with torch.autocast("cpu", dtype=BF16):
+        o = linear_attention(q, k, v, g)[0]
+    assert bool(torch.isfinite(o).all())
+    assert_close(o, ref, dtype=BF16)
