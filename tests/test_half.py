@@ -1,18 +1,21 @@
 """Half-precision chunk forms: matmuls in bf16, decays and states in float32.
 
-Under `torch.autocast` (float32 inputs) and for bf16 inputs, the chunk form casts q, k, v once
-and runs its matmuls in bf16 (`half_matmul_dtype`); the decay factors are computed in float32
-and the state passed between chunks is summed in float32. Checked against the float32 chunk form
-(itself checked against the spec in test_ops_forms): outputs, gradients and the final state to
-the bf16 tolerance (2e-2 relative RMSE), the carried state, packed sequences and ragged T.
+Under `torch.autocast` (float32 inputs) and for bf16 inputs, the chunk forms of linear attention
+and of the delta rule cast q, k, v once and run their chunk-local matmuls in bf16
+(`half_matmul_dtype`); the decay factors are computed in float32 and the state passed between
+chunks is summed in float32 (the delta rule also keeps its triangular solve in float32).
+Checked against the float32 chunk form (itself checked against the spec in test_ops_forms):
+outputs, gradients and the final state to the bf16 tolerance (2e-2 relative RMSE), the carried
+state, packed sequences and ragged T.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ttr.ops import linear_attention
+from ttr.ops import delta_rule, linear_attention
 from ttr.ops.linear import half_matmul_dtype
 from ttr.testing import assert_close
 
@@ -113,3 +116,31 @@ def test_autocast_strong_decay_stays_finite():
         o = linear_attention(q, k, v, g)[0]
     assert bool(torch.isfinite(o).all())
     assert_close(o, ref, dtype=BF16)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated-delta"])
+def test_delta_rule_autocast_matches_float32(gated):
+    gen = torch.Generator().manual_seed(4)
+    B, T, H, D = 2, 150, 2, 16
+    q, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(2))
+    k = F.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1)
+    beta = torch.rand(B, T, H, generator=gen)
+    g = -0.2 * torch.rand(B, T, H, generator=gen) if gated else None
+    s0 = torch.randn(B, H, D, D, generator=gen)
+    w = torch.randn(B, T, H, D, generator=gen)
+    ref = leaves(q, k, v, beta, g, s0)
+    o_ref, s_ref = delta_rule(*ref[:5], initial_state=ref[5], output_final_state=True,
+                              chunk_size=32)
+    ((o_ref * w).sum() + s_ref.sum()).backward()
+    half = leaves(q, k, v, beta, g, s0)
+    with torch.autocast("cpu", dtype=BF16):
+        o, s = delta_rule(*half[:5], initial_state=half[5], output_final_state=True,
+                          chunk_size=32)
+    assert o.dtype == BF16 and s.dtype == F32
+    ((o.float() * w).sum() + s.sum()).backward()
+    assert_close(o, o_ref, dtype=BF16, what="output")
+    assert_close(s, s_ref, dtype=BF16, what="final state")
+    for name, a, b in zip("q k v beta g s0".split(), grads(half), grads(ref), strict=True):
+        if b is not None:
+            assert a.dtype == F32, name
+            assert_close(a, b, dtype=BF16, what=f"d{name}")

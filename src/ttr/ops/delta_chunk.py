@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ttr.ops.common import check_like, check_log_decay, check_qkv, check_state
 from ttr.ops.decay import decay_exp, decay_matrix, must_flush
-from ttr.ops.linear import check_chunk_size, compute_dtype
+from ttr.ops.linear import check_chunk_size, compute_dtype, half_matmul_dtype
 
 # Step 3, measured on the dev machine (2-core Xeon, torch 2.13 CPU, 1 thread, fp32; a batch of
 # 512 unit-lower-triangular 64 x 64 systems = B*H=16, T=2048, C=64 with Dk = Dv = 64; median
@@ -65,9 +65,12 @@ def chunk_delta_rule(
     """Gated delta rule, chunkwise: S_t = e^{g_t}(I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T.
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; beta: [B, T, H]; g: [B, T, H] log-decay (<= 0) or
-    None (DeltaNet); initial_state: [B, H, Dk, Dv] or None (zeros). Half-precision inputs are
-    computed in float32 and the output is cast back; float64 stays float64. The final state is
-    returned in the compute dtype (float32 for half inputs) so that carrying it loses nothing.
+    None (DeltaNet); initial_state: [B, H, Dk, Dv] or None (zeros). Half precision (bf16 / fp16
+    inputs, or float32 inputs under `torch.autocast`): the chunk-local matmuls run in that dtype
+    and o is returned in it; the decays, the triangular solve and the state passed between
+    chunks (with the pseudo-values it is read against) are float32. float64 stays float64. The
+    final state is returned in the compute dtype (float32 for half inputs) so that carrying it
+    loses nothing.
     Returns (o [B, T, H, Dv], S_T [B, H, Dk, Dv] or None).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
@@ -82,24 +85,34 @@ def chunk_delta_rule(
 
 def _chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state, chunk_size):
     """`chunk_delta_rule` on validated inputs (`delta_rule` validates once, then calls this)."""
+    half = half_matmul_dtype(q)
+    if half is not None:  # autocast off inside: the operands are cast once, in `chunks`
+        with torch.autocast(q.device.type, enabled=False):
+            return _chunk(q, k, v, beta, g, initial_state, output_final_state, chunk_size, half)
+    return _chunk(q, k, v, beta, g, initial_state, output_final_state, chunk_size, None)
+
+
+def _chunk(q, k, v, beta, g, initial_state, output_final_state, chunk_size, half):
+    """The chunk form; `half` None or the dtype of the chunk-local matmuls (md below)."""
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    cd = compute_dtype(q)
+    cd = compute_dtype(q)  # decays, solve, state: float32 for half inputs
+    md = half or cd  # q, k, v and the chunk-local matmuls
     C = min(chunk_size, T)
     N = -(-T // C)
     pad = N * C - T
 
-    def chunks(x):  # [B, T, H, *D] -> [B, H, N, C, *D]
-        x = x.to(cd)
+    def chunks(x, dtype=cd):  # [B, T, H, *D] -> [B, H, N, C, *D]
         if pad:
             # Padded tokens have k = v = q = 0, beta = 0 and g = 0 (no decay): each is an exact
             # identity step on the state, and their outputs are trimmed.
             x = F.pad(x, (0, 0) * (x.ndim - 2) + (0, pad))
-        x = x.reshape(B, N, C, H, *x.shape[3:])
-        # One copy here; batched matmuls would otherwise copy the permuted view at every use.
-        return x.permute(0, 3, 1, 2, *range(4, x.ndim)).contiguous()
+        x = x.reshape(B, N, C, H, *x.shape[3:]).permute(0, 3, 1, 2, *range(4, x.ndim + 1))
+        # One (casting) copy here; batched matmuls would otherwise copy the permuted view at
+        # every use.
+        return x.to(dtype=dtype, memory_format=torch.contiguous_format)
 
-    qc, kc, vc = chunks(q), chunks(k), chunks(v)  # [B, H, N, C, Dk], .., [B, H, N, C, Dv]
+    qc, kc, vc = chunks(q, md), chunks(k, md), chunks(v, md)  # [B, H, N, C, D]
     bc = chunks(beta)  # [B, H, N, C]
     eye = torch.eye(C, dtype=cd, device=q.device)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # r >= i
@@ -119,21 +132,22 @@ def _chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state, chunk
         flush = must_flush(G[..., -1])
         gamma = decay_matrix(gc, flush)  # [B, H, N, C, C], zero above the diagonal
         eG = decay_exp(G, flush).unsqueeze(-1)  # [B, H, N, C, 1]
-        qd, kd = qc * eG, kc * eG  # [B, H, N, C, Dk]
-        kend = kc * gamma[..., -1, :].unsqueeze(-1)  # decay from r to the chunk end
+        qd, kd = qc * eG.to(md), kc * eG.to(md)  # [B, H, N, C, Dk]
+        kend = kc * gamma[..., -1, :].unsqueeze(-1).to(md)  # decay from r to the chunk end
         total = eG[..., -1, 0]  # [B, H, N]
 
     # 2. A = strictly_lower(diag(beta) K K^T * Gamma); the rows of I + A are the WY recurrence
-    kkt = kc @ kc.transpose(-1, -2)  # [B, H, N, C, C]
+    kkt = kc @ kc.transpose(-1, -2)  # [B, H, N, C, C] (the product with bc is in cd)
     A = torch.tril(bc.unsqueeze(-1) * kkt * gamma, diagonal=-1)
 
     # 3. Tc = (I + A)^{-1} diag(beta); W, U by matmuls (timings of the alternatives above)
     Linv = torch.linalg.solve_triangular(
         eye + A, eye.expand_as(A), upper=False, unitriangular=True
     )  # [B, H, N, C, C]
-    Tc = Linv * bc.unsqueeze(-2)  # scales column i by beta_i
-    W = Tc @ kd  # [B, H, N, C, Dk]
-    U = Tc @ vc  # [B, H, N, C, Dv]
+    Tc = (Linv * bc.unsqueeze(-2)).to(md)  # scales column i by beta_i
+    # W and U are read against the state in the pass below: in cd, where u = U - W S cancels
+    W = (Tc @ kd).to(cd)  # [B, H, N, C, Dk]
+    U = (Tc @ vc).to(cd)  # [B, H, N, C, Dv]
 
     # 4. the only sequential part: N steps carrying S from chunk to chunk
     S = (
@@ -143,7 +157,7 @@ def _chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state, chunk
     )  # [B, H, Dk, Dv]
     # unbind, not U[:, :, n]: the backward of indexing writes a full-size zero gradient per
     # chunk (quadratic in N), the backward of unbind is one stack.
-    Us, Ws, Ks = U.unbind(2), W.unbind(2), kend.transpose(-1, -2).unbind(2)  # per chunk
+    Us, Ws, Ks = U.unbind(2), W.unbind(2), kend.to(cd).transpose(-1, -2).unbind(2)  # per chunk
     decays = [None] * N if total is None else total[..., None, None].unbind(2)  # [B, H, 1, 1]
     starts, us = [], []
     for n in range(N):
@@ -155,7 +169,7 @@ def _chunk_delta_rule(q, k, v, beta, g, initial_state, output_final_state, chunk
     u = torch.stack(us, dim=2)  # [B, H, N, C, Dv]
 
     # 5. outputs: contribution of the chunk-start state plus the causal intra-chunk part
-    attn = (qc @ kc.transpose(-1, -2)) * gamma  # [B, H, N, C, C], zero above the diagonal
-    o = qd @ S0 + attn @ u  # [B, H, N, C, Dv]
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T].to(q.dtype)
+    attn = (qc @ kc.transpose(-1, -2)) * gamma.to(md)  # [B, H, N, C, C], 0 above the diagonal
+    o = qd @ S0.to(md) + attn @ u.to(md)  # [B, H, N, C, Dv]
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T].to(half or q.dtype)
     return o, (S if output_final_state else None)
