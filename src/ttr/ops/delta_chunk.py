@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ttr.ops.common import check_like, check_log_decay, check_qkv, check_state
 from ttr.ops.decay import decay_exp, decay_matrix, must_flush
-from ttr.ops.linear import check_chunk_size, compute_dtype, half_matmul_dtype
+from ttr.ops.linear import check_chunk_size, compute_dtype, contiguous_as, half_matmul_dtype
 
 # Step 3, measured on the dev machine (2-core Xeon, torch 2.13 CPU, 1 thread, fp32; a batch of
 # 512 unit-lower-triangular 64 x 64 systems = B*H=16, T=2048, C=64 with Dk = Dv = 64; median
@@ -110,7 +110,7 @@ def _chunk(q, k, v, beta, g, initial_state, output_final_state, chunk_size, half
         x = x.reshape(B, N, C, H, *x.shape[3:]).permute(0, 3, 1, 2, *range(4, x.ndim + 1))
         # One (casting) copy here; batched matmuls would otherwise copy the permuted view at
         # every use.
-        return x.to(dtype=dtype, memory_format=torch.contiguous_format)
+        return contiguous_as(x, dtype)
 
     qc, kc, vc = chunks(q, md), chunks(k, md), chunks(v, md)  # [B, H, N, C, D]
     bc = chunks(beta)  # [B, H, N, C]
