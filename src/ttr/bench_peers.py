@@ -69,6 +69,11 @@ PEERS = [
     Peer("delta_rule", "delta_rule_recurrence", DELTA, "recurrent",
          lambda f, q, k, v, beta: _bhtd(f(_bhtd(_scaled(q)), _bhtd(k), _bhtd(v),
                                           _bhtd(beta))[0])),
+    # delta_rule_chunkwise needs T divisible by its chunk size and writes its outputs into
+    # slices of a preallocated tensor (autograd records those copies)
+    Peer("delta_rule", "delta_rule_chunkwise", DELTA, "chunk",
+         lambda f, q, k, v, beta: _bhtd(f(_bhtd(_scaled(q)), _bhtd(k), _bhtd(v), _bhtd(beta),
+                                          chunk_size=64)[0])),
     Peer("gated_delta_rule", "naive_recurrent_gated_delta_rule", GATED_DELTA, "recurrent",
          lambda f, q, k, v, beta, g: f(q, k, v, beta, g, scale=1.0)[0]),
     Peer("gated_delta_rule", "naive_chunk_gated_delta_rule", GATED_DELTA, "chunk",
