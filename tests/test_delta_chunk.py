@@ -157,8 +157,7 @@ def test_chunk_equals_reference_sgd(recipe):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_keeps_the_state_in_float32(dtype):
-    """Half inputs: chunk-local matmuls in half precision, the state passed in float32."""
+def test_half_precision_computes_in_float32(dtype):
     q, k, v, beta, g, s0 = inputs(1, 50, 2, 16, 8, "rand")
     half = [x.to(dtype) for x in (q, k, v, beta, g)]
     o, s = chunk_delta_rule(*half, initial_state=s0.float(), output_final_state=True,
@@ -166,8 +165,8 @@ def test_half_precision_keeps_the_state_in_float32(dtype):
     assert o.dtype == dtype and s.dtype == torch.float32
     o_ref, s_ref = recurrent(*(x.to(F64) for x in half), initial_state=s0,
                              output_final_state=True)
-    assert_close(o, o_ref, dtype=dtype)
-    assert_close(s, s_ref, dtype=dtype)
+    assert_close(o, o_ref)
+    assert_close(s, s_ref, tol=1e-4)  # the state never passes through half precision
 
 
 @settings(max_examples=25, deadline=None)

@@ -65,12 +65,12 @@ def chunk_delta_rule(
     """Gated delta rule, chunkwise: S_t = e^{g_t}(I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T.
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; beta: [B, T, H]; g: [B, T, H] log-decay (<= 0) or
-    None (DeltaNet); initial_state: [B, H, Dk, Dv] or None (zeros). Half precision (bf16 / fp16
-    inputs, or float32 inputs under `torch.autocast`): the chunk-local matmuls run in that dtype
+    None (DeltaNet); initial_state: [B, H, Dk, Dv] or None (zeros). Half-precision inputs are
+    computed in float32 and the output is cast back; float64 stays float64. Under
+    `torch.autocast` to a half dtype (float32 inputs) the chunk-local matmuls run in that dtype
     and o is returned in it; the decays, the triangular solve and the state passed between
-    chunks (with the pseudo-values it is read against) are float32. float64 stays float64. The
-    final state is returned in the compute dtype (float32 for half inputs) so that carrying it
-    loses nothing.
+    chunks (with the pseudo-values it is read against) stay float32. The final state is
+    returned in the compute dtype (float32 for half inputs) so that carrying it loses nothing.
     Returns (o [B, T, H, Dv], S_T [B, H, Dk, Dv] or None).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)

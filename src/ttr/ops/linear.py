@@ -63,19 +63,18 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 def half_matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype a chunk form runs its matmuls in when it may run them in half precision: x's
-    own dtype if that is half, the autocast dtype if autocast is on for x's device and x is
-    float32; else None (full precision throughout).
+    """The dtype a chunk form runs its chunk-local matmuls in: the autocast dtype when autocast
+    is on for x's device with a half dtype and x is float32; else None (x's compute dtype
+    throughout; half-precision inputs are computed in float32, the most accurate choice).
 
     Under autocast every matmul would otherwise cast its float32 operands again (a copy per
     call) and hand back half-precision results that the float32 elementwise work promotes
-    straight back: measured 0.94-1.12x of float32. Cast once instead, at the chunking copy."""
-    if x.dtype in HALF:
-        return x.dtype
+    straight back (0.94-1.12x of float32, session 3). The chunk forms cast once instead, in
+    their chunking copy (1.0-1.2x so far: docs/benchmarks.md, session 5)."""
     device = x.device.type
     if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        return dtype if dtype in HALF else None
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
     return None
 
 
@@ -148,10 +147,10 @@ def linear_attention(q, k, v, g=None, *, initial_state=None, output_final_state=
     Returns o [B, T, H, Dv] in the dtype of q and the final state [B, H, Dk, Dv] (float32 for
     half-precision inputs, where it is the accumulator) or None.
 
-    Half precision (bf16 / fp16 inputs, or float32 inputs under `torch.autocast`): the chunk
-    form runs its matmuls in that dtype and keeps decays and the state passed between chunks in
-    float32; o comes back in the half dtype (as autocast's own matmuls return it). The
-    recurrent and parallel forms, the specs, compute in float32.
+    Under `torch.autocast` to a half dtype (float32 inputs), the chunk form runs its matmuls in
+    that dtype and keeps decays and the state passed between chunks in float32; o comes back in
+    the half dtype (as autocast's own matmuls return it). The recurrent and parallel forms, the
+    specs, compute in float32.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_log_decay(g, q)
