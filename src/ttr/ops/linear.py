@@ -59,9 +59,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
-HALF = (torch.float16, torch.bfloat16)
-
-
 def half_matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a chunk form runs its chunk-local matmuls in: the autocast dtype when autocast
     is on for x's device with a half dtype and x is float32; else None (x's compute dtype
