@@ -369,3 +369,39 @@ def test_per_dim_scores_backward_takes_any_gradient_layout():
     dense = torch.autograd.grad(linear_module._intra_chunk_per_dim(q, k, g), (q, k, g), ones)
     for a, b in zip(expanded, dense, strict=True):
         assert_close(a, b, tol=1e-14)
+
+
+@pytest.mark.parametrize("case", ["mild", "mixed", "strong"])
+def test_per_dim_chunks_factored_only_where_mild(case, monkeypatch):
+    """Per-dimension decay: chunks decaying by at most FACTOR_SPAN take the factored terms, the
+    others the exact segment sums, per chunk. Values and float64 gradients equal the recurrence
+    in every case, and the exact path sees exactly the strong chunks."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, H, D, C = 2, 48, 2, 4, 16
+    q, k, v, w = (torch.randn(B, T, H, D, generator=gen, dtype=F64) for _ in range(4))
+    g = -0.01 * torch.rand(B, T, H, D, generator=gen, dtype=F64)  # chunk decays ~e^-0.1
+    if case == "mixed":  # one dimension of two chunks decays by e^-6 and e^-40
+        g[0, 3, 1, 2] = -6.0
+        g[1, 40, 0, 0] = -40.0
+    elif case == "strong":
+        g = g - 1.0
+    seen = []
+    exact = linear_module._exact_terms
+
+    def spy(q, k, v, g, flush):
+        seen.append(q.shape[:-2].numel())
+        return exact(q, k, v, g, flush)
+
+    monkeypatch.setattr(linear_module, "_exact_terms", spy)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    out = {}
+    for form in ("chunk", "recurrent"):
+        o, s = linear_attention(*leaves, form=form, chunk_size=C, output_final_state=True)
+        out[form] = (o, s, torch.autograd.grad((o * w).sum() + s.sum(), leaves))
+    n_chunks = B * H * T // C
+    assert seen == {"mild": [], "mixed": [2], "strong": [n_chunks]}[case]
+    (o, s, grads), (o_ref, s_ref, grads_ref) = out["chunk"], out["recurrent"]
+    assert_close(o, o_ref, tol=1e-12, what="o")
+    assert_close(s, s_ref, tol=1e-12, what="final state")
+    for name, a, b in zip("qkvg", grads, grads_ref, strict=True):
+        assert_close(a, b, tol=1e-10, what=f"d{name}")
