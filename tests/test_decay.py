@@ -27,14 +27,17 @@ def test_decay_matrix_is_the_segment_product(C, flush):
 
 
 def test_strong_decay_flushes_to_exact_zero():
-    g = -30 * torch.rand(4, 32)  # float32: most products far below exp(EXP_FLOOR)
+    gen = torch.Generator().manual_seed(3)
+    g = -30 * torch.rand(4, 32, generator=gen)  # float32: most products far below exp(EXP_FLOOR)
     D, ref = decay_matrix(g), _reference(g)
     log_ref = torch.log(ref)  # -inf above the diagonal
     kept = log_ref >= EXP_FLOOR[torch.float32] + 1e-3
     flushed = log_ref < EXP_FLOOR[torch.float32] - 1e-3
     assert kept.any() and flushed.any()
     assert torch.equal(D[flushed], torch.zeros_like(D[flushed]))  # incl. above the diagonal
-    torch.testing.assert_close(D[kept].double(), ref[kept], rtol=1e-5, atol=0)
+    # a float32 segment sum near the floor (~ -80) is exact to ~|L| eps sqrt(C) ~ 1e-5 (an
+    # unseeded run failed rtol 1e-5 one time in nine), which exp turns into a relative error
+    torch.testing.assert_close(D[kept].double(), ref[kept], rtol=1e-4, atol=0)
     assert torch.equal(D.triu(1), torch.zeros_like(D))
 
 
