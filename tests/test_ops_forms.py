@@ -7,6 +7,7 @@ moderate, near 0 = g -20 per step, near 1 = g -1e-4 per step).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -271,6 +272,51 @@ def test_cu_seqlens(op, form, decay, with_state):
             got = s[i] if isinstance(s, torch.Tensor) else tuple(z[i] for z in s)
             assert_states(got, want, what=f"final state {i}")
     assert_close(o, torch.cat(outs, dim=1), tol=1e-12, what="packed output")
+
+
+@pytest.mark.parametrize("lens,padded", [([5, 1, 13, 9], True), ([1, 2, 20], False)],
+                         ids=["padded-batch", "loop"])
+@pytest.mark.parametrize("op,form,decay", [("linear_attention", "chunk", "dim"),
+                                           ("delta_rule", "chunk", "scalar"),
+                                           ("rls", "chunk", "none")])
+def test_cu_seqlens_gradients(op, form, decay, lens, padded, monkeypatch):
+    """Packed input runs as one zero-padded batch when padding at most doubles the tokens, else
+    as a loop: either way, values and gradients (inputs and initial states) equal one call per
+    sequence."""
+    import ttr.ops.common as common
+    calls, padded_run = [], common._padded
+    monkeypatch.setattr(common, "_padded", lambda *a: calls.append(1) or padded_run(*a))
+    H, Dk, Dv = 2, 5, 4
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    x = make_inputs(op, 1, sum(lens), H, Dk, Dv, decay, seed=17, variant=1)
+    s0 = make_state(op, len(lens), H, Dk, Dv)
+    s0 = [s0] if isinstance(s0, torch.Tensor) else list(s0)
+    names = [n for n, t in x.items() if isinstance(t, torch.Tensor) and t.ndim >= 3]
+    w = torch.randn(1, sum(lens), H, Dv, dtype=F64)
+
+    def loss(packed, *leaves):
+        xi = {**x, **dict(zip(names, leaves[:len(names)], strict=True))}
+        states = leaves[len(names):]
+        state = states[0] if len(states) == 1 else tuple(states)
+        if packed:
+            o, _ = call(op, xi, form, initial_state=state, cu_seqlens=cu, chunk_size=4)
+        else:
+            outs = []
+            for i, (a, b) in enumerate(itertools.pairwise(cu.tolist())):
+                xs = {n: (t[:, a:b] if n in names else t) for n, t in xi.items()}
+                si = (state[i:i + 1] if isinstance(state, torch.Tensor)
+                      else tuple(z[i:i + 1] for z in state))
+                outs.append(call(op, xs, form, initial_state=si, chunk_size=4)[0])
+            o = torch.cat(outs, dim=1)
+        return (o * w).sum()
+
+    leaves = [x[n].clone().requires_grad_() for n in names] + [
+        z.clone().requires_grad_() for z in s0]
+    got = torch.autograd.grad(loss(True, *leaves), leaves)
+    assert calls == ([1] if padded else [])
+    want = torch.autograd.grad(loss(False, *leaves), leaves)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert_close(a, b, tol=1e-12, what=f"gradient {i}")
 
 
 @pytest.mark.parametrize("form", ALL_FORMS["softmax_attention"])

@@ -7,6 +7,8 @@ what it got and what was expected, instead of a silent broadcast deep inside a m
 
 `varlen` implements `cu_seqlens` for any op by running it once per packed sequence; it is
 exact by construction, which makes it the spec that faster packed kernels are tested against.
+Ops whose state ignores trailing zero inputs (`pad_neutral`) instead run all sequences as one
+zero-padded batch, when padding at most doubles the tokens.
 `constant` caches the small index and operator tensors the chunk forms build once per size.
 """
 
@@ -191,20 +193,34 @@ def scan(step: Callable, state, *xs: torch.Tensor | None):
     return torch.stack(outs, dim=1), state
 
 
+PAD_WASTE = 2.0  # batch the padded sequences when N * longest <= PAD_WASTE * total tokens
+
+
 def varlen(
     run: Callable[..., tuple[torch.Tensor, object]],
     cu_seqlens: torch.Tensor,
     tensors: dict[str, torch.Tensor | None],
     initial_state,
     output_final_state: bool,
+    pad_neutral: bool = False,
 ):
     """Run `run(**tensors_i, initial_state=s_i)` on each packed sequence i and re-pack.
 
     `tensors` are `[1, T, ...]`; `initial_state` is None or a (pytree of) tensor(s) whose
     leading dimension is the number of sequences N. Returns (o [1, T, ...], final states
     stacked on a leading N dimension, or None).
+
+    pad_neutral: the op's state is unchanged by a step whose inputs are all zero (k = 0 adds
+    nothing, g = 0 decays nothing, beta = 0 steps nowhere: linear attention, the delta rule,
+    RLS). Then the sequences run as one batch [N, longest, ...], each zero-padded at its end,
+    so the final states are those after the last real token; o is gathered back from the real
+    positions. One call instead of N (a loop's cost is per call, not per token, for short
+    sequences), unless padding would more than double the tokens (PAD_WASTE).
     """
     bounds = cu_seqlens.tolist()
+    lens = [b - a for a, b in pairwise(bounds)]
+    if pad_neutral and len(lens) > 1 and len(lens) * max(lens) <= PAD_WASTE * bounds[-1]:
+        return _padded(run, bounds, lens, tensors, initial_state, output_final_state)
     outs, finals = [], []
     for i, (a, b) in enumerate(pairwise(bounds)):
         piece = {n: (None if x is None else x[:, a:b]) for n, x in tensors.items()}
@@ -216,6 +232,23 @@ def varlen(
     if not output_final_state:
         return o, None
     return o, _stack_states(finals)
+
+
+def _padded(run, bounds, lens, tensors, initial_state, output_final_state):
+    """`varlen` as one zero-padded batch (see there)."""
+    present = [x for x in tensors.values() if x is not None]
+    device, T, L = present[0].device, bounds[-1], max(lens)
+    pos = torch.arange(L, device=device)  # [L]
+    real = pos < torch.tensor(lens, device=device).unsqueeze(1)  # [N, L]
+    # each sequence's token positions in the packed input; padding reads row T, a zero row
+    index = (torch.tensor(bounds[:-1], device=device).unsqueeze(1) + pos).masked_fill(~real, T)
+
+    def pad(x):  # [1, T, ...] -> [N, L, ...]
+        return torch.cat([x[0], x.new_zeros(1, *x.shape[2:])])[index]
+
+    o, s = run(**{n: None if x is None else pad(x) for n, x in tensors.items()},
+               initial_state=initial_state, output_final_state=output_final_state)
+    return o[real].unsqueeze(0), s  # real positions in row-major order: the packed order
 
 
 def _index_state(s, i):

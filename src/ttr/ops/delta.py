@@ -73,7 +73,7 @@ def delta_rule(q, k, v, beta, g=None, *, initial_state=None, output_final_state=
 
     if cu_seqlens is not None:
         return varlen(run, cu_seqlens, {"q": q, "k": k, "v": v, "beta": beta, "g": g},
-                      initial_state, output_final_state)
+                      initial_state, output_final_state, pad_neutral=True)
     return run(q, k, v, beta, g, initial_state, output_final_state)
 
 

@@ -182,7 +182,7 @@ def linear_attention(q, k, v, g=None, *, initial_state=None, output_final_state=
 
     if cu_seqlens is not None:
         return varlen(run, cu_seqlens, {"q": q, "k": k, "v": v, "g": g}, initial_state,
-                      output_final_state)
+                      output_final_state, pad_neutral=True)
     return run(q, k, v, g, initial_state, output_final_state)
 
 
