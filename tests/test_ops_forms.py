@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ttr.ops.common as common
 import ttr.ops.linear as linear_module
 from ttr.ops import (
     delta_rule,
@@ -283,7 +284,6 @@ def test_cu_seqlens_gradients(op, form, decay, lens, padded, monkeypatch):
     """Packed input runs as one zero-padded batch when padding at most doubles the tokens, else
     as a loop: either way, values and gradients (inputs and initial states) equal one call per
     sequence."""
-    import ttr.ops.common as common
     calls, padded_run = [], common._padded
     monkeypatch.setattr(common, "_padded", lambda *a: calls.append(1) or padded_run(*a))
     H, Dk, Dv = 2, 5, 4

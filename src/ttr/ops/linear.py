@@ -297,16 +297,17 @@ def chunk_linear_attention(q, k, v, g, s0, C, half=None):
     # 1. cumulative log-decay within each chunk, relative to the chunk start (<= 0)
     gc = chunks(g)  # [B, H, n, C, Dk]
     b = _cumsum(gc, 0, reverse=False)  # [B, H, n, C, Dk]
+    a = b[..., -1:, :]  # [B, H, n, 1, Dk] the chunks' total log-decays
     # every exponent below is a partial sum within a chunk, so >= the chunk's total
-    flush = must_flush(b[:, :, :, -1])
+    flush = must_flush(a)
     qe = q * decay_exp(b, flush).to(q.dtype)  # [B, H, n, C, Dk] queries decayed from the start
 
     # 2. intra-chunk scores and what each chunk adds to the state, decayed to the chunk end
-    A, U = _per_dim_terms(q, k, v, gc, b, qe, flush)  # [B, H, n, C, C], [B, H, n, Dk, Dv]
+    A, U = _per_dim_terms(q, k, v, gc, b, a, qe, flush)  # [B, H, n, C, C], [B, H, n, Dk, Dv]
     o = A @ v  # [B, H, n, C, Dv] intra-chunk outputs
 
     # 3. state passing: S entering chunk c+1 = diag(exp(b_C)) S entering chunk c + U_c
-    S0, S = _pass_states(U.to(gc.dtype), b[:, :, :, -1], s0)  # chunk log-decays [B, H, n, Dk]
+    S0, S = _pass_states(U.to(gc.dtype), a.squeeze(-2), s0)
 
     # 4. inter-chunk outputs: queries read the entering state, decayed from the chunk start
     o = o + qe @ S0.to(q.dtype)
@@ -461,16 +462,16 @@ def _after(g: torch.Tensor, per_dim: bool) -> torch.Tensor:
 FACTOR_SPAN = 5.0  # chunks decaying by at most e^-5 in every key dimension take the factored terms
 
 
-def _per_dim_terms(q, k, v, g, b, qe, flush):
+def _per_dim_terms(q, k, v, g, b, a, qe, flush):
     """The chunk terms of per-dimension decay: intra-chunk scores A[t, i] = sum_d q_td k_id
     exp(sum_{i<j<=t} g_jd) (lower-triangular) and each chunk's update of the state
     U = sum_i diag(exp(sum_{j>i} g_j)) k_i v_i^T. q, k, g, b (inclusive cumsum of g in the
-    chunk), qe = q * exp(b): [B, H, n, C, Dk], v [B, H, n, C, Dv] -> A [B, H, n, C, C],
-    U [B, H, n, Dk, Dv].
+    chunk), qe = q * exp(b): [B, H, n, C, Dk], v [B, H, n, C, Dv], a the chunks' total
+    log-decays (b's last row) [B, H, n, 1, Dk] -> A [B, H, n, C, C], U [B, H, n, Dk, Dv].
 
     Factored through the chunk start: exp(b_t - b_i) = exp(b_t) exp(-b_i), so with
     ke = k e^-b, A = tril(qe ke^T), one matmul as without decay (qe is shared with the
-    inter-chunk term), and U = (ke e^a)^T V with a the chunk's total log-decay (the last b). The
+    inter-chunk term), and U = (ke e^a)^T V. The
     forward is exact to float precision (each term is a product of factors that are each exact to
     rounding; nothing cancels). Its two costs grow with the chunk's decay: e^-b reaches e^-a and
     overflows past e^88, and the gradient w.r.t. g goes through the differences b_t - b_i, whose
@@ -490,7 +491,6 @@ def _per_dim_terms(q, k, v, g, b, qe, flush):
         return _exact_terms(q, k, v, g, flush)
     B, H, n, C, Dk = q.shape
     Dv = v.shape[-1]
-    a = b[..., -1:, :]  # [B, H, n, 1, Dk] the chunks' total log-decays
     strong = (a.amin(-1) < -FACTOR_SPAN).flatten().nonzero().squeeze(1)  # chunk ids in B H n
     if strong.numel() == B * H * n:
         return _exact_terms(q, k, v, g, flush)
