@@ -279,7 +279,8 @@ def test_cu_seqlens(op, form, decay, with_state):
                          ids=["padded-batch", "loop"])
 @pytest.mark.parametrize("op,form,decay", [("linear_attention", "chunk", "dim"),
                                            ("delta_rule", "chunk", "scalar"),
-                                           ("rls", "chunk", "none")])
+                                           ("rls", "chunk", "none"),
+                                           ("rls", "chunk", "scalar")])
 def test_cu_seqlens_gradients(op, form, decay, lens, padded, monkeypatch):
     """Packed input runs as one zero-padded batch when padding at most doubles the tokens, else
     as a loop: either way, values and gradients (inputs and initial states) equal one call per

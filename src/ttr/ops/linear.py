@@ -469,19 +469,19 @@ def _per_dim_terms(q, k, v, g, b, a, qe, flush):
     chunk), qe = q * exp(b): [B, H, n, C, Dk], v [B, H, n, C, Dv], a the chunks' total
     log-decays (b's last row) [B, H, n, 1, Dk] -> A [B, H, n, C, C], U [B, H, n, Dk, Dv].
 
-    Factored through the chunk start: exp(b_t - b_i) = exp(b_t) exp(-b_i), so with
-    ke = k e^-b, A = tril(qe ke^T), one matmul as without decay (qe is shared with the
-    inter-chunk term), and U = (ke e^a)^T V. The
-    forward is exact to float precision (each term is a product of factors that are each exact to
-    rounding; nothing cancels). Its two costs grow with the chunk's decay: e^-b reaches e^-a and
-    overflows past e^88, and the gradient w.r.t. g goes through the differences b_t - b_i, whose
-    rounding noise, eps times the scores of the pairs after g_j, swamps the true gradient when
-    those are e^a larger (see `_segment_sums`). So the factorization is used per chunk, only where
-    every key dimension decays by at most FACTOR_SPAN in the chunk. Measured in float32 against
-    the float64 recurrence (C = 64): dL/dg to 2e-7 - 1e-6 relative RMSE for chunk decays e^-1 to
-    e^-4.9 (exact segment sums: 2e-7); the worst case, one gate of -4.9 in a chunk, gets its own
-    gradient to 4e-4 relative (exact: 4e-6). That span covers typical trained gates (GLA's
-    logsigmoid(x)/16 at x ~ N(0, 1): chunk decays down to e^-4.5).
+    Factored through the chunk start: exp(b_t - b_i) = exp(b_t) exp(-b_i), so with ke = k e^-b,
+    A = tril(qe ke^T), one matmul as without decay (qe is shared with the inter-chunk term), and
+    U = (ke e^a)^T V. The forward is exact to float precision (each term is a product of factors
+    that are each exact to rounding; nothing cancels). Its two costs grow with the chunk's
+    decay: e^-b reaches e^-a and overflows past e^88, and the gradient w.r.t. g goes through the
+    differences b_t - b_i, whose rounding noise, eps times the scores of the pairs after g_j,
+    swamps the true gradient when those are e^a larger (see `_segment_sums`). So the
+    factorization is used per chunk, only where every key dimension decays by at most
+    FACTOR_SPAN in the chunk. Measured in float32 against the float64 recurrence (C = 64): dL/dg
+    to 2e-7 - 1e-6 relative RMSE for chunk decays e^-1 to e^-4.9 (exact segment sums: 2e-7); the
+    worst case, one gate of -4.9 in a chunk, gets its own gradient to 4e-4 relative (exact:
+    4e-6). That span covers typical trained gates (GLA's logsigmoid(x)/16 at x ~ N(0, 1): chunk
+    decays down to e^-4.5).
 
     The other chunks get `_exact_terms` (segment sums only), gathered, and written back in place
     of their factored terms (computed on clamped exponents, so finite, and given zero gradient by

@@ -115,11 +115,10 @@ def rls(q, k, v, g=None, beta=None, *, ridge, initial_state=None, output_final_s
         return o.to(q.dtype), (s if output_final_state else None)
 
     if cu_seqlens is not None:
-        # padding is neutral (k = 0), but conjugate gradient's stopping test would see the
-        # whole batch: decayed chunk RLS keeps one solve per sequence
+        # padding is neutral (k = 0 adds nothing to either Gram); conjugate gradient stops each
+        # system on its own residual, so batching the sequences leaves every solve as it was
         return varlen(run, cu_seqlens, {"q": q, "k": k, "v": v, "g": g, "beta": beta},
-                      initial_state, output_final_state,
-                      pad_neutral=not (form == "chunk" and g is not None))
+                      initial_state, output_final_state, pad_neutral=True)
     return run(q, k, v, g, beta, initial_state, output_final_state)
 
 
