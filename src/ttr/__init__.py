@@ -8,8 +8,10 @@ weights x function class x optimizer.
 
 from ttr import ops, reference
 from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights, run
+from ttr.runtime import tune_allocator
 
-__all__ = ["FunctionClass", "Optimizer", "Recipe", "Weights", "ops", "reference", "run"]
+__all__ = ["FunctionClass", "Optimizer", "Recipe", "Weights", "ops", "reference", "run",
+           "tune_allocator"]
 __version__ = "0.1.0"
 
 

@@ -33,6 +33,7 @@ import torch
 
 from ttr import bench_peers
 from ttr.bench_cases import CHUNK, FWD_BWD, OPS, cap, flops
+from ttr.runtime import allocator_description
 
 # -- one case, in its own process ---------------------------------------------------------------
 
@@ -266,7 +267,8 @@ def run(config: BenchConfig, command: str = "", progress: bool = True) -> dict:
                   cores=os.cpu_count(), threads=threads, matmul_size=config.matmul_size,
                   matmul_gflops=rates, load_at_start=load, batch=1, heads=config.heads,
                   d=config.d, repeats=config.repeats, fla=_fla_status(config.peers),
-                  load_at_end=os.getloadavg()[0], wall_s=time.perf_counter() - start)
+                  allocator=allocator_description(), load_at_end=os.getloadavg()[0],
+                  wall_s=time.perf_counter() - start)
     return {"header": header, "rows": rows}
 
 
@@ -322,6 +324,8 @@ def to_markdown(result: dict) -> str:
         "",
         f"- date {h['date']}; torch {h['torch']}; Python {h['python']}",
         f"- CPU: {h['cpu']} ({h['cores']} logical cores); torch threads: {h['threads']}",
+        f"- allocator (each case's process inherits it): {h.get('allocator', 'not recorded')} "
+        "(ttr.runtime.tune_allocator; TTR_TUNE_MALLOC=0 for glibc's defaults)",
         f"- matmul rate, {h['matmul_size']}x{h['matmul_size']} (median of 10): {rates}",
         f"- load average (1 min) at start: {h['load_at_start']:.2f}, at end "
         f"{h['load_at_end']:.2f} (the run's own {h['threads']} threads count there)"
