@@ -21,9 +21,11 @@ Forms
              sums: for scalar decay one matmul with a 0/1 operator (decay_matrix), per dimension
              an exact split of each chunk in halves (_intra_chunk_per_dim). Every exponent is a
              sum of gates over its own segment, so nothing overflows and gradients stay exact
-             (derivation: docs/linear_chunk.md). Per dimension, chunks that decay mildly (by at
-             most e^-FACTOR_SPAN) take the cheaper factorization through the chunk start instead
-             (_per_dim_terms), whose gradient error is bounded there.
+             (derivation: docs/linear_chunk.md). Chunks that decay mildly (by at most
+             e^-FACTOR_SPAN) take the cheaper factorization through the chunk start instead,
+             whose gradient error is bounded there: per dimension chunk by chunk
+             (_per_dim_terms), for scalar decay when every chunk is mild
+             (_chunk_scalar_factored).
 
 Numerics: every decay factor is evaluated as exp(a - b) with a <= b, i.e. exp of a non-positive
 number (masked entries become exp(-inf) = 0 before the exp, never after, so gradients stay finite).
@@ -322,6 +324,8 @@ def _chunk_scalar_decay(q, k, v, g, s0, T):
     over its own segment (exact gradients under any decay, see _segment_sums)."""
     B, H, n, C, Dv = v.shape
     a = g.sum(-1)  # [B, H, n] the chunks' total log-decays, a bound on every exponent below
+    if not _is_compiling() and bool(a.amin() >= -FACTOR_SPAN):
+        return _chunk_scalar_factored(q, k, v, g, a, s0, T)
     flush = must_flush(a)
     D = decay_matrix(g, flush).to(q.dtype)  # [B, H, n, C, C] (cast for half matmuls)
     o = ((q @ k.mT) * D) @ v  # [B, H, n, C, Dv] intra-chunk
@@ -333,6 +337,26 @@ def _chunk_scalar_decay(q, k, v, g, s0, T):
     S0, S = _pass_states(U.to(g.dtype), a, s0)
     # inter-chunk: queries read the entering state; addcmul scales and adds in one pass
     o = torch.addcmul(o, e.to(q.dtype).unsqueeze(-1), q @ S0.to(q.dtype))  # [B, H, n, C, Dv]
+    return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
+
+
+def _chunk_scalar_factored(q, k, v, g, a, s0, T):
+    """`_chunk_scalar_decay` when every chunk decays by at most e^-FACTOR_SPAN: the decay from
+    step i to step t, exp(b_t - b_i) with b the inclusive cumsum of g in the chunk, factored
+    through the chunk start as exp(b_t) exp(-b_i) <= e^FACTOR_SPAN, so that the intra-chunk
+    scores are one matmul of decayed queries and keys, tril((q e^b)(k e^-b)^T), as without decay;
+    q e^b also reads the entering state. No [C, C] decay matrix is built or multiplied (forward
+    and backward). The error bound is that of the per-dimension factorization (`_per_dim_terms`);
+    U's decays to the chunk end stay exact segment sums (`_after`)."""
+    B, H, n, C, Dv = v.shape
+    b = torch.cumsum(g, -1)  # [B, H, n, C], within [-FACTOR_SPAN, 0]
+    qe = q * torch.exp(b).to(q.dtype).unsqueeze(-1)  # [B, H, n, C, Dk]
+    ke = k * torch.exp(-b).to(k.dtype).unsqueeze(-1)
+    o = (qe @ ke.mT).tril_() @ v  # [B, H, n, C, Dv] intra-chunk (tril_: matmul saves inputs)
+    end = torch.exp(_after(g, per_dim=False)).to(k.dtype)  # [B, H, n, C] decay to chunk end
+    U = (k * end.unsqueeze(-1)).mT @ v  # [B, H, n, Dk, Dv]
+    S0, S = _pass_states(U.to(g.dtype), a, s0)
+    o = o + qe @ S0.to(q.dtype)
     return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
 
 
