@@ -14,8 +14,8 @@ derivation (docs/rls_chunk.md):
 1. Chunk-start states. With K_c the chunk's keys (rows scaled by sqrt(beta)), the states at the
    start of every chunk are exclusive cumulative sums of the chunk Grams K_c^T K_c, K_c^T V_c:
    all chunks at once, no sequential pass.
-2. Base inverse. A^{-1} for every chunk (batched Cholesky + cholesky_inverse; A is SPD because
-   lambda > 0). Q~ = Q A^{-1}, K~ = K A^{-1}.
+2. Base inverse. A^{-1} for every chunk (batched `inv`; A is SPD because lambda > 0).
+   Q~ = Q A^{-1}, K~ = K A^{-1}.
 3. Woodbury per prefix. For the prefix K_{<=t} of the chunk,
        (A + K_{<=t}^T K_{<=t})^{-1} = A^{-1} - K~_{<=t}^T (I + K_{<=t} K~_{<=t}^T)^{-1} K~_{<=t}.
    The prefix capacitance matrix I + K_{<=t} K~_{<=t}^T is the leading t x t block of the
@@ -33,7 +33,9 @@ derivation (docs/rls_chunk.md):
 
 Cost per chunk: one Dk^3 inverse, one C^3 Cholesky and triangular inverse, and O(C^2 Dk + C Dk^2)
 matmuls, all batched over chunks; measured 14.9x (forward) and 12.4x (forward+backward) faster
-than the per-token batched solve at T=2048, Dk=64, B*H=16 (docs/benchmarks.md). Decayed weights
+than the per-token batched solve at T=2048, Dk=64, B*H=16 with glibc's default allocator, and
+10.2x / 8.8x (91 / 224 ms against 926 / 1976 ms) once `ttr.tune_allocator` also sped up the
+batched solve's large tensors (docs/benchmarks.md, session 7). Decayed weights
 (g != 0) break step 3 (the ridge is not decayed, so the base matrix changes with t) and are left
 to the parallel and recurrent forms.
 """
@@ -42,6 +44,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ttr.ops.linear import _pass_states
 
 
 def chunk_rls(
@@ -81,18 +85,22 @@ def chunk_rls(
     # 1. chunk-start states by exclusive cumulative sums over chunks
     gram_kk = kT @ kc  # [B, H, N, Dk, Dk]
     gram_kv = kT @ vc  # [B, H, N, Dk, Dv]
-    hkk = gram_kk.cumsum(2) - gram_kk
-    hkv = gram_kv.cumsum(2) - gram_kv
+    hkk0 = hkv0 = None
     if initial_state is not None:
-        # Cholesky reads one triangle; symmetrizing makes the gradient w.r.t. H_kk,0 the one of
-        # the symmetric matrix every other form also sees.
-        hkk0 = 0.5 * (initial_state[0] + initial_state[0].mT)
-        hkk = hkk + hkk0.unsqueeze(2)
-        hkv = hkv + initial_state[1].unsqueeze(2)
+        # symmetrized, so that the gradient w.r.t. H_kk,0 is the one of the symmetric matrix
+        # every other form also sees
+        hkk0, hkv0 = 0.5 * (initial_state[0] + initial_state[0].mT), initial_state[1]
+    # exclusive sums over chunks as one matmul each (`_pass_states` with zero decay; cumsum
+    # along the chunk axis ran ~4 ms per call here), which also hand back the final states
+    zero = gram_kk.new_zeros(B, H, N)
+    hkk, final_kk = _pass_states(gram_kk, zero, hkk0)  # [B, H, N, Dk, Dk], [B, H, Dk, Dk]
+    hkv, final_kv = _pass_states(gram_kv, zero, hkv0)
 
-    # 2. base inverse A^{-1}, A = H_kk,start + lambda I
+    # 2. base inverse A^{-1}, A = H_kk,start + lambda I (SPD: lambda > 0). Batched LU `inv`, not
+    # Cholesky + cholesky_inverse: at 512 matrices of 64 x 64, forward + backward 19 ms
+    # against 51 ms, same accuracy (5e-7 apart in float32)
     A = hkk + torch.diag_embed(ridge.to(hkk.dtype))  # [B, H, N, Dk, Dk]
-    A_inv = torch.cholesky_inverse(torch.linalg.cholesky(A))
+    A_inv = torch.linalg.inv(A)
     k_t = kc @ A_inv  # [B, H, N, C, Dk]   (A symmetric)
 
     # 3. one Cholesky of the chunk capacitance matrix S = I + K A^{-1} K^T serves every prefix
@@ -123,7 +131,5 @@ def chunk_rls(
     o = P @ hkv + scores @ vc  # [B, H, N, C, Dv]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]
 
-    final = None
-    if output_final_state:  # ([B, H, Dk, Dk], [B, H, Dk, Dv])
-        final = (hkk[:, :, -1] + gram_kk[:, :, -1], hkv[:, :, -1] + gram_kv[:, :, -1])
+    final = (final_kk, final_kv) if output_final_state else None  # [B, H, Dk, Dk | Dv]
     return o, final
