@@ -72,7 +72,7 @@ def half_matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
     Under autocast every matmul would otherwise cast its float32 operands again (a copy per
     call) and hand back half-precision results that the float32 elementwise work promotes
     straight back (0.94-1.12x of float32, session 3). The chunk forms cast once instead, in
-    their chunking copy (1.0-1.2x so far: docs/benchmarks.md, session 5)."""
+    their chunking copy (0.9-1.45x so far: docs/benchmarks.md, session 7)."""
     device = x.device.type
     if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
