@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (the console-script wrapper exits with it)."""
     from ttr.runtime import tune_allocator
 
-    tune_allocator()  # every command is tensor-heavy (ttr.runtime: up to 1.9x at T = 8192)
+    tune_allocator()  # every command is tensor-heavy (ttr.runtime: 1.7-2.1x at T = 8192)
     try:
         rv = app(args=argv, prog_name="ttr", standalone_mode=False)
     except click_exceptions.NoArgsIsHelpError as e:  # bare `ttr`: show the help

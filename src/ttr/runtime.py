@@ -13,7 +13,7 @@ chunk forms, glibc's defaults -> tuned):
               per-dimension decay 645 -> 345 ms, delta rule 792 -> 429 ms, Gated DeltaNet
               891 -> 488 ms; forward alone 1.7-2.0x; peak memory 549 -> 762 MB (linear
               attention) to 726 -> 1244 MB (delta rule): freed blocks stay resident
-    T = 2048, forward + backward: 0-20% (glibc's dynamic threshold keeps many of these tensors
+    T = 2048, forward + backward: 5-24% (glibc's dynamic threshold keeps many of these tensors
               on its heap); forward-only loops (inference), where nothing else keeps the heap
               large: linear attention 19.5 -> 12 ms, the delta rule 41.5 -> 30.5 ms
 
