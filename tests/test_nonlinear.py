@@ -233,8 +233,13 @@ def test_ttt_bf16_computes_in_f32(model):
     assert_close(o_bp, o_ref, dtype=BF16, what="bf16 params")
 
 
+# D >= 3: the inner layer norm over D = 2 features maps every input to +-(1, -1) and its
+# Jacobian scales with 1 / |z_0 - z_1|, so the float64 forms' rounding is amplified without bound
+# (a scan of 600 cases: worst state error 5e-10 at D = 2, 2e-13 at D = 3, 1e-14 at D = 4; one
+# hypothesis draw, B=1 T=10 H=2 D=2 b=1 linear seed=8, reached 3.5e-8 in both the old and the
+# new code). That is conditioning, not a difference between the forms.
 @settings(max_examples=15, deadline=None)
-@given(B=st.integers(1, 2), T=st.integers(1, 12), H=st.integers(1, 2), D=st.integers(2, 6),
+@given(B=st.integers(1, 2), T=st.integers(1, 12), H=st.integers(1, 2), D=st.integers(3, 6),
        b=st.integers(1, 8), model=st.sampled_from(MODELS), seed=st.integers(0, 99))
 def test_ttt_property_any_shape_chunk_equals_spec(B, T, H, D, b, model, seed):
     q, k, v, eta, p = ttt_inputs(B, T, H, D, model, seed=seed)
