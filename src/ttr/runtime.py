@@ -45,17 +45,16 @@ TRIM_THRESHOLD = 2**31 - 1  # 2 GiB (mallopt's int maximum): free memory kept at
 _ENV = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 
 
-def _chosen_elsewhere() -> str | None:
-    """Why not to touch the allocator, or None."""
-    if os.environ.get("TTR_TUNE_MALLOC", "1") == "0":
-        return "TTR_TUNE_MALLOC=0"
-    for name in _ENV:
-        if name in os.environ:
-            return f"{name} is set"
+def _chosen_elsewhere() -> bool:
+    """The user opted out, or the environment already chooses the allocator's settings."""
+    return (os.environ.get("TTR_TUNE_MALLOC", "1") == "0"
+            or any(name in os.environ for name in _ENV) or _preloaded() is not None)
+
+
+def _preloaded() -> str | None:
+    """LD_PRELOAD when it loads jemalloc or tcmalloc, else None."""
     preload = os.environ.get("LD_PRELOAD", "")
-    if "jemalloc" in preload or "tcmalloc" in preload:
-        return "an allocator is preloaded"
-    return None
+    return preload if "jemalloc" in preload or "tcmalloc" in preload else None
 
 
 def tune_allocator(trim_threshold: int = TRIM_THRESHOLD) -> bool:
@@ -86,11 +85,9 @@ def tune_allocator(trim_threshold: int = TRIM_THRESHOLD) -> bool:
 
 def allocator_description() -> str:
     """One line for benchmark headers: which allocator settings this process runs with."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    if "jemalloc" in preload or "tcmalloc" in preload:
-        return f"preloaded ({preload})"
-    set_ = [f"{n}={os.environ[n]}" for n in _ENV if n in os.environ]
+    if _preloaded():
+        return f"preloaded ({_preloaded()})"
     if platform.libc_ver()[0] != "glibc":
         return "the platform's malloc"
-    return "glibc, " + (", ".join(set_) if set_ else "defaults (freed large blocks go back to "
-                                                     "the kernel)")
+    chosen = [f"{n}={os.environ[n]}" for n in _ENV if n in os.environ]
+    return "glibc, " + (", ".join(chosen) or "defaults (freed large blocks go back to the kernel)")

@@ -321,43 +321,44 @@ def _chunk_scalar_decay(q, k, v, g, s0, T):
     """`chunk_linear_attention` with one log-decay per head, q, k, v chunked [B, H, n, C, D],
     g [B, H, n, C]. Every decay factor is a column or a row of the chunk's decay matrix
     D[t, i] = exp(g_{i+1} + ... + g_t) or exp of an inclusive cumsum, so every exponent is a sum
-    over its own segment (exact gradients under any decay, see _segment_sums)."""
+    over its own segment (exact gradients under any decay, see _segment_sums). When every chunk
+    decays by at most e^-FACTOR_SPAN, the intra-chunk term is factored instead
+    (`_chunk_scalar_factored`); the state update and passing are the same either way."""
     B, H, n, C, Dv = v.shape
     a = g.sum(-1)  # [B, H, n] the chunks' total log-decays, a bound on every exponent below
+    flush = must_flush(a)  # (never for mild chunks: their exponents stay above -FACTOR_SPAN)
     if not _is_compiling() and bool(a.amin() >= -FACTOR_SPAN):
-        return _chunk_scalar_factored(q, k, v, g, a, s0, T)
-    flush = must_flush(a)
-    D = decay_matrix(g, flush).to(q.dtype)  # [B, H, n, C, C] (cast for half matmuls)
-    o = ((q @ k.mT) * D) @ v  # [B, H, n, C, Dv] intra-chunk
+        o, qe = _chunk_scalar_factored(q, k, v, g)  # intra-chunk; q e^b reads the state below
+    else:
+        qe = None
+        D = decay_matrix(g, flush).to(q.dtype)  # [B, H, n, C, C] (cast for half matmuls)
+        o = ((q @ k.mT) * D) @ v  # [B, H, n, C, Dv] intra-chunk
     # the decay from each step to the chunk end, exp(sum_{i<j<=C-1} g_j) (D's last row, but
     # taken from D its backward zero-fills and adds a full [C, C] gradient: ~3 ms at T = 2048)
     end = decay_exp(_after(g, per_dim=False), flush).to(q.dtype)  # [B, H, n, C]
     U = (k * end.unsqueeze(-1)).mT @ v  # [B, H, n, Dk, Dv]
-    e = decay_exp(torch.cumsum(g, -1), flush)  # [B, H, n, C], from the chunk start through t
     S0, S = _pass_states(U.to(g.dtype), a, s0)
-    # inter-chunk: queries read the entering state; addcmul scales and adds in one pass
-    o = torch.addcmul(o, e.to(q.dtype).unsqueeze(-1), q @ S0.to(q.dtype))  # [B, H, n, C, Dv]
+    # inter-chunk: queries, decayed from the chunk start through t, read the entering state
+    if qe is not None:
+        o = o + qe @ S0.to(q.dtype)
+    else:  # addcmul scales and adds in one pass
+        e = decay_exp(torch.cumsum(g, -1), flush)  # [B, H, n, C]
+        o = torch.addcmul(o, e.to(q.dtype).unsqueeze(-1), q @ S0.to(q.dtype))
     return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
 
 
-def _chunk_scalar_factored(q, k, v, g, a, s0, T):
-    """`_chunk_scalar_decay` when every chunk decays by at most e^-FACTOR_SPAN: the decay from
-    step i to step t, exp(b_t - b_i) with b the inclusive cumsum of g in the chunk, factored
-    through the chunk start as exp(b_t) exp(-b_i) <= e^FACTOR_SPAN, so that the intra-chunk
-    scores are one matmul of decayed queries and keys, tril((q e^b)(k e^-b)^T), as without decay;
-    q e^b also reads the entering state. No [C, C] decay matrix is built or multiplied (forward
-    and backward). The error bound is that of the per-dimension factorization (`_per_dim_terms`);
-    U's decays to the chunk end stay exact segment sums (`_after`)."""
-    B, H, n, C, Dv = v.shape
+def _chunk_scalar_factored(q, k, v, g):
+    """The intra-chunk term of `_chunk_scalar_decay` when every chunk decays by at most
+    e^-FACTOR_SPAN: the decay from step i to step t, exp(b_t - b_i) with b the inclusive cumsum
+    of g in the chunk, factored through the chunk start as exp(b_t) exp(-b_i) <= e^FACTOR_SPAN,
+    so that the scores are one matmul of decayed queries and keys, tril((q e^b)(k e^-b)^T), as
+    without decay. No [C, C] decay matrix is built or multiplied (forward and backward). The
+    error bound is that of the per-dimension factorization (`_per_dim_terms`). Returns the
+    intra-chunk output [B, H, n, C, Dv] and q e^b [B, H, n, C, Dk], which also reads the state."""
     b = torch.cumsum(g, -1)  # [B, H, n, C], within [-FACTOR_SPAN, 0]
     qe = q * torch.exp(b).to(q.dtype).unsqueeze(-1)  # [B, H, n, C, Dk]
     ke = k * torch.exp(-b).to(k.dtype).unsqueeze(-1)
-    o = (qe @ ke.mT).tril_() @ v  # [B, H, n, C, Dv] intra-chunk (tril_: matmul saves inputs)
-    end = torch.exp(_after(g, per_dim=False)).to(k.dtype)  # [B, H, n, C] decay to chunk end
-    U = (k * end.unsqueeze(-1)).mT @ v  # [B, H, n, Dk, Dv]
-    S0, S = _pass_states(U.to(g.dtype), a, s0)
-    o = o + qe @ S0.to(q.dtype)
-    return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
+    return (qe @ ke.mT).tril_() @ v, qe  # (tril_: matmul saves its inputs, not its output)
 
 
 STATE_GROUP = 32  # chunks per matmul in _pass_states

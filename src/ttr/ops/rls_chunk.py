@@ -101,7 +101,7 @@ def chunk_rls(
     # against 51 ms, same accuracy (5e-7 apart in float32)
     A = hkk + torch.diag_embed(ridge.to(hkk.dtype))  # [B, H, N, Dk, Dk]
     A_inv = torch.linalg.inv(A)
-    k_t = kc @ A_inv  # [B, H, N, C, Dk]   (A symmetric)
+    k_t = kc @ A_inv  # [B, H, N, C, Dk]   (A symmetric: A^-1 = A^-T to rounding)
 
     # 3. one Cholesky of the chunk capacitance matrix S = I + K A^{-1} K^T serves every prefix
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
