@@ -26,15 +26,18 @@ def mesa(config, *, ridge: float = 1.0):
 
 @entry("mesanet", "exact second order",
        "von Oswald et al. 2025, MesaNet: Sequence Modeling by Locally Optimal Test-Time Training",
-       conv_q=4, conv_k=4, conv_silu=True, qk_norm=True, output_norm="rms")
+       conv_q=4, conv_k=4, conv_silu=True, qk_norm=True, output_norm="rms", form="chunk")
 def mesanet(config, *, ridge: float = 1.0):
     """MesaNet (von Oswald et al. 2025, Eq. 3-6): weighted ridge regression with forgetting,
     H_kk <- gamma_t H_kk + beta_t k k^T, H_kv <- gamma_t H_kv + beta_t k v^T, with data-dependent
     forget gate gamma_t = sigmoid(W x) and input gate beta_t = sigmoid(W x). Deviations: the
-    ridge is a fixed scalar option, not MesaNet's learned per-dimension Lambda; and by default
-    ttr solves (H_kk + ridge) x = q exactly (rls, parallel form: batched solves). MesaNet's own
-    algorithm, conjugate gradient on chunked linear attention, is `form="chunk"` (tolerance and
-    iteration cap in ttr.ops.rls_cg), several times faster on long sequences."""
+    ridge is a fixed scalar option, not MesaNet's learned per-dimension Lambda. The default form
+    is MesaNet's own algorithm, conjugate gradient on chunked linear attention (`form="chunk"`;
+    tolerance and iteration cap in ttr.ops.rls_cg), which solves every system to a relative
+    residual of 1e-5 in float32 (1e-12 in float64). `form="parallel"` solves them exactly by
+    batched LU, at a cost: one MQAR training step (d_model 128, one head, T = 128, 32
+    sequences, one thread) took 3.0 s in the parallel form and 0.49 s in the chunk form, because
+    the parallel form materializes every prefix Gram ([B, T, H, Dk^2])."""
     recipe = Recipe(Weights.geometric(), LIN, Optimizer.exact(ridge))
     return Built(recipe, (SigmoidDecay(config.d_model, config.n_heads, bias=4.0),
                           StepSize(config.d_model, config.n_heads)))
