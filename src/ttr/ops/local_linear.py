@@ -35,16 +35,22 @@ Forms
   naive    the full weight matrix [B, H, T, T] and the moments as matmuls over all keys.
   blocked  FlashAttention-style: per query block, stream the key blocks up to the diagonal with
            an online max of the log-weights, and solve the per-query systems at the end. Peak
-           extra memory O(Bq (Dk + 1)(Dk + Dv)) per (batch, head). With ridge > 0 its backward
-           is `_BlockedFn`'s: recomputation from per-query statistics (the log-normalizer,
-           kbar, vbar, u = A^-1 dbar and M1), so training memory is O(T Dk Dv) per (batch,
-           head), not O(T^2); with recompute=True it recomputes them per query block
-           instead (a second forward pass), O(T (Dk + Dv)). Derivation in its docstring.
-           Measured (1 thread, B H = 2, T = 1024, D = 32): backward 0.11 s and +39 MB peak,
-           against 0.84 s and +561 MB for autograd through the loop; at T = 4096, D = 64,
-           B H = 1 (docs/benchmarks.md): peak 149 MB (62 MB with recompute) against 814 MB
-           for the naive form. The forward costs O(T^2 Dk (Dk + Dv)) (the second moments);
-           the backward only O(T^2 (Dk + Dv)).
+           extra memory O(Bq Dk (Dk + Dv)) per (batch, head). With ridge > 0 it makes a second
+           pass instead of streaming the v k^T moments and solves one right-hand side per
+           query (`_query_block`), and its backward is `_BlockedFn`'s: recomputation from
+           per-query statistics (the log-normalizer, kbar, vbar, u = A^-1 dbar and A's LU
+           factors), so training memory is O(T Dk^2) per (batch, head), not O(T^2); with
+           recompute=True it recomputes them per query block instead (a second forward pass),
+           O(T (Dk + Dv)). Derivation in its docstring. Measured (1 thread, B H = 2, T = 1024,
+           D = 32): backward 0.11 s and +39 MB peak, against 0.84 s and +561 MB for autograd
+           through the loop; at T = 4096, D = 64, B H = 1 (docs/benchmarks.md): peak 149 MB
+           (62 MB with recompute) against 814 MB for the naive form. The forward costs
+           O(T^2 Dk^2) (the second moments) plus a Dk x Dk LU per query; the backward
+           O(T^2 (Dk + Dv)) and two triangular solves per query. The second pass trades some
+           float32 accuracy for speed: (k_i - kbar)^T u cancels where u is large outside the
+           keys' span (T < Dk, small ridge), so the float32 error against float64 is 2-4x the
+           one-pass solve's (T = Dk = 128, ridge 0.1: 2.5e-5 against 8e-6; ridge 0.01: 1.9e-4
+           against 5.7e-5); one MQAR training step (d_model 128, T = 128) went 6.0 -> 2.3 s.
 With ridge = 0 the gradient goes through pinv (autograd through the loop) and is undefined on
 rank-deficient prefixes; use ridge > 0 to train. Not yet here: a `form="recurrent"` and a
 `step()` for decoding (naive with a cache is the per-query spec meanwhile), a decayed variant,
@@ -183,14 +189,46 @@ def _blocked_forward(q, K, V, Tc, bw, ridge, block_size, stats):
 
 
 def _query_block(qc, K, V, c, pos, bw, ridge, block_size, stats):
-    """One query block: stream its visible key blocks, then solve. Returns (o [BH, Bq, Dv],
-    None or the per-query statistics (lse, kbar, vbar, u, M1^T) of `_BlockedFn`)."""
+    """One query block. Returns (o [BH, Bq, Dv], None or the per-query statistics (lse, kbar,
+    vbar, u, and the LU factors of A) that `_BlockedFn` saves).
+
+    ridge > 0 takes two passes over the visible key blocks and solves one right-hand side per
+    query. Pass 1 streams m0, m1, S2 and mv (not Mvk: its T^2 Dk Dv flops are the largest
+    term once Dv ~ Dk). Then u = A^-1 dbar, and pass 2 reads the output off the weights of the
+    equivalent attention (`_BlockedFn`'s a_i = p_i (1 - (k_i - kbar)^T u)),
+        o = vbar - sum_i p_i ((k_i - kbar)^T u) v_i,
+    at T^2 (2 Dk + Dv) flops, instead of solving for M1^T with Dv right-hand sides. Measured
+    (one thread, B H = 32, T = 128, Dk = Dv = 128): LU with 129 right-hand sides 3.1 s,
+    lu_factor 0.8 s plus a one-column lu_solve 0.06 s; Cholesky (LAPACK, or blocked in bmm) was
+    no faster than lu_factor here."""
+    mx, acc = _stream_moments(qc, K, V, c, pos, bw, block_size, vk=ridge == 0)
+    if ridge == 0:
+        return _intercept(*acc, qc, ridge)[0], None
+    m0, m1, S2, mv = acc
+    inv = (1.0 / m0)[..., None]
+    kbar, vbar = m1 * inv, mv * inv  # [BH, Bq, Dk], [BH, Bq, Dv]
+    eye = torch.eye(S2.shape[-1], dtype=S2.dtype, device=S2.device)
+    A = S2 * inv[..., None] - kbar[..., :, None] * kbar[..., None, :] + ridge * eye  # Eq. 54
+    LU, piv = torch.linalg.lu_factor(A)  # [BH, Bq, Dk, Dk]
+    u = torch.linalg.lu_solve(LU, piv, (kbar - qc)[..., None])[..., 0]  # A^-1 dbar [BH, Bq, Dk]
+    # lse: log of the normalizer sum_i exp(logw_i), so that p_i = exp(logw_i - lse)
+    lse = mx + torch.log(m0)
+    ukbar, o = (u * kbar).sum(-1, keepdim=True), vbar
+    for _s, _e, kc, vb, logw in _key_blocks(qc, K, V, c, pos, bw, block_size):
+        cku = u @ kc.mT - ukbar  # (k_i - kbar)^T u [BH, Bq, Bk]
+        o = o - (torch.exp(logw - lse[..., None]) * cku) @ vb  # [BH, Bq, Dv]
+    return o, ((lse, kbar, vbar, u, LU, piv) if stats else None)
+
+
+def _stream_moments(qc, K, V, c, pos, bw, block_size, vk):
+    """Stream the visible key blocks with an online max of the log-weights: (max, moments
+    rescaled to it) -- the moments of `_moments`, with Mvk only if `vk`."""
     mx = acc = None
     for _s, _e, kc, vb, logw in _key_blocks(qc, K, V, c, pos, bw, block_size):
         # online max: the first key block has an unmasked key for every query, so mx is
         # finite from the start and the rescale factor exp(mx - new) is in (0, 1]
         new = logw.amax(-1) if mx is None else torch.maximum(mx, logw.amax(-1))  # [BH, Bq]
-        m = _moments(torch.exp(logw - new[..., None]), kc, vb)
+        m = _moments(torch.exp(logw - new[..., None]), kc, vb, vk)
         if acc is None:
             acc = m
         else:
@@ -198,9 +236,7 @@ def _query_block(qc, K, V, c, pos, bw, ridge, block_size, stats):
             acc = tuple(x * r.view(*r.shape, *[1] * (x.ndim - 2)) + y
                         for x, y in zip(acc, m, strict=True))
         mx = new
-    o, st = _intercept(*acc, qc, ridge, stats=stats)
-    # lse: log of the normalizer sum_i exp(logw_i), so that p_i = exp(logw_i - lse)
-    return o, ((mx + torch.log(acc[0]), *st) if stats else None)
+    return mx, acc
 
 
 class _BlockedFn(torch.autograd.Function):
@@ -241,14 +277,20 @@ class _BlockedFn(torch.autograd.Function):
         dq, dK, dV = torch.zeros_like(q), torch.zeros_like(K), torch.zeros_like(V)
         for a, b, c, qc, pos in _query_blocks(q, Tc, block_size):
             if saved:  # the statistics of the forward pass
-                lse, kb, vbar, ub, m1t = (x[:, a:b] for x in saved)
+                lse, kb, vbar, ub, LU, piv = (x[:, a:b] for x in saved)
             else:  # recompute = True: a second forward pass over this query block
-                _, (lse, kb, vbar, ub, m1t) = _query_block(qc, K, V, c, pos, bw, ridge,
-                                                           block_size, True)
+                _, (lse, kb, vbar, ub, LU, piv) = _query_block(qc, K, V, c, pos, bw, ridge,
+                                                               block_size, True)
             g = do[:, a:b]  # [BH, Bq, Dv]
-            h = (m1t @ g[..., None])[..., 0]  # [BH, Bq, Dk]
-            mean = ((g * o[:, a:b]).sum(-1) - (h * qc).sum(-1) - ridge * (h * ub).sum(-1))
             gvbar = (g * vbar).sum(-1)[..., None]  # [BH, Bq, 1]
+            # h = M1^T g = A^-1 Cov_dv g, with Cov_dv g = sum_i p_i (g^T cv_i) ck_i from one
+            # pass over the key blocks (so that M1^T [Dk, Dv] per query is never formed)
+            y = psum = 0
+            for _s, _e, kc, vb, logw in _key_blocks(qc, K, V, c, pos, bw, block_size):
+                pg = torch.exp(logw - lse[..., None]) * (g @ vb.mT - gvbar)  # [BH, Bq, Bk]
+                y, psum = y + pg @ kc, psum + pg.sum(-1, keepdim=True)
+            h = torch.linalg.lu_solve(LU, piv, (y - psum * kb)[..., None])[..., 0]  # [BH, Bq, Dk]
+            mean = ((g * o[:, a:b]).sum(-1) - (h * qc).sum(-1) - ridge * (h * ub).sum(-1))
             ukbar, hkbar = (ub * kb).sum(-1)[..., None], (h * kb).sum(-1)[..., None]
             dqb = h.clone()
             for s, e, kc, vb, logw in _key_blocks(qc, K, V, c, pos, bw, block_size):
@@ -268,19 +310,22 @@ class _BlockedFn(torch.autograd.Function):
         return dq, dK, dV, None, None, None, None, None
 
 
-def _moments(w, k, v):
-    """w [BH, Tq, L], k [BH, L, Dk], v [BH, L, Dv] -> m0, m1, S2, mv, Mvk summed over L."""
+def _moments(w, k, v, vk=True):
+    """w [BH, Tq, L], k [BH, L, Dk], v [BH, L, Dv] -> m0, m1, S2, mv (and Mvk if `vk`) summed
+    over L."""
     Dk, Dv = k.shape[-1], v.shape[-1]
     kk = (k[..., :, None] * k[..., None, :]).flatten(-2)  # [BH, L, Dk*Dk]
-    vk = (v[..., :, None] * k[..., None, :]).flatten(-2)  # [BH, L, Dv*Dk]
-    return (w.sum(-1), w @ k, (w @ kk).unflatten(-1, (Dk, Dk)), w @ v,
-            (w @ vk).unflatten(-1, (Dv, Dk)))
+    m = (w.sum(-1), w @ k, (w @ kk).unflatten(-1, (Dk, Dk)), w @ v)
+    if not vk:
+        return m
+    vkf = (v[..., :, None] * k[..., None, :]).flatten(-2)  # [BH, L, Dv*Dk]
+    return (*m, (w @ vkf).unflatten(-1, (Dv, Dk)))
 
 
-def _intercept(m0, m1, S2, mv, Mvk, qc, ridge, stats=False):
+def _intercept(m0, m1, S2, mv, Mvk, qc, ridge):
     """M0 per query from unnormalized moments of keys centered at c; qc = q - c [BH, Tq, Dk].
-    Returns (M0 [BH, Tq, Dv], None), or with stats (ridge > 0) also the per-query
-    (kbar, vbar, u = A^-1 dbar, M1^T) that `_BlockedFn.backward` needs."""
+    Returns (M0 [BH, Tq, Dv], None). The naive form's solve, and the blocked form's for
+    ridge = 0 (its ridge > 0 path is `_query_block`'s)."""
     inv = (1.0 / m0)[..., None]
     kbar, vbar = m1 * inv, mv * inv  # [BH, Tq, Dk], [BH, Tq, Dv]
     cov_dd = S2 * inv[..., None] - kbar[..., :, None] * kbar[..., None, :]  # [BH, Tq, Dk, Dk]
@@ -289,12 +334,8 @@ def _intercept(m0, m1, S2, mv, Mvk, qc, ridge, stats=False):
     if ridge > 0:
         # Eq. 54: M1^T = (Cov_dd + ridge I)^-1 Cov_dv, M0 = vbar - M1 dbar
         eye = torch.eye(cov_dd.shape[-1], dtype=cov_dd.dtype, device=cov_dd.device)
-        if not stats:
-            m1t = torch.linalg.solve(cov_dd + ridge * eye, cov_dv)  # [BH, Tq, Dk, Dv]
-            return vbar - (dbar[..., None] * m1t).sum(-2), None
-        sol = torch.linalg.solve(cov_dd + ridge * eye, torch.cat([cov_dv, dbar[..., None]], -1))
-        m1t, u = sol[..., :-1], sol[..., -1]  # [BH, Tq, Dk, Dv], [BH, Tq, Dk]
-        return vbar - (dbar[..., None] * m1t).sum(-2), (kbar, vbar, u, m1t)
+        m1t = torch.linalg.solve(cov_dd + ridge * eye, cov_dv)  # [BH, Tq, Dk, Dv]
+        return vbar - (dbar[..., None] * m1t).sum(-2), None
     # ridge = 0: the joint min-norm fit [M0; M1^T] = pinv(G) R on the design [1, d]
     dd = cov_dd + dbar[..., :, None] * dbar[..., None, :]  # E_p[d d^T]
     dv = cov_dv + dbar[..., :, None] * vbar[..., None, :]  # E_p[d v^T]
