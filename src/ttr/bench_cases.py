@@ -212,20 +212,35 @@ FLOPS: dict[tuple[str, str], Callable[[int, int, int, int], float]] = {
 
 
 def _local_linear(T, K, V, pairs):
+    """The naive form: the moments with v k^T, and M1^T solved with Dv right-hand sides."""
     return pairs * (2 * K * K + 2 * K * V + 4 * K + 2 * V) + T * (K**3 / 3 + 2 * K * K * V)
 
 
+def _local_linear_blocked(T, K, V, pairs):
+    """The blocked form with ridge > 0: pass 1 streams the moments without v k^T (2 K^2 + 4 K
+    + 2 V per pair), an LU and one solve per query, pass 2 reads the output (4 K + 2 V)."""
+    return pairs * (2 * K * K + 8 * K + 4 * V) + T * (2 / 3 * K**3 + 2 * K * K)
+
+
+def _local_linear_backward(T, K, V, pairs):
+    """`_BlockedFn.backward`: the pass for Cov_dv g (4 K + 2 V per pair) and the gradient pass
+    (20 K + 4 V), one solve per query."""
+    return pairs * (24 * K + 6 * V) + T * 2 * K * K
+
+
 FLOPS[("local_linear_attention", "blocked")] = \
-    lambda T, C, K, V: _local_linear(T, K, V, T * T / 2)
+    lambda T, C, K, V: _local_linear_blocked(T, K, V, T * T / 2)
 FLOPS[("local_linear_attention", "naive")] = lambda T, C, K, V: _local_linear(T, K, V, T * T)
 FLOPS[("local_linear_attention_recompute", "blocked")] = \
     FLOPS[("local_linear_attention", "blocked")]
 # Forward+backward FLOPs where they are not 3x the forward.
 FWD_BWD: dict[tuple[str, str], Callable[[int, int, int, int], float]] = {
     ("local_linear_attention", "blocked"):
-        lambda T, C, K, V: _local_linear(T, K, V, T * T / 2) + T * T / 2 * (20 * K + 4 * V),
+        lambda T, C, K, V: (_local_linear_blocked(T, K, V, T * T / 2)
+                            + _local_linear_backward(T, K, V, T * T / 2)),
     ("local_linear_attention_recompute", "blocked"):  # the forward twice
-        lambda T, C, K, V: 2 * _local_linear(T, K, V, T * T / 2) + T * T / 2 * (20 * K + 4 * V),
+        lambda T, C, K, V: (2 * _local_linear_blocked(T, K, V, T * T / 2)
+                            + _local_linear_backward(T, K, V, T * T / 2)),
 }
 
 
