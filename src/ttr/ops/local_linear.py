@@ -85,7 +85,7 @@ def local_linear_attention(q, k, v, *, bandwidth=None, ridge=0.0, initial_state=
     matmuls; measured single-thread at T = 2048, D = 64: 15.8 GFLOP/s at 64, 20.7 at 256).
     recompute: the blocked form's backward (ridge > 0) recomputes the per-query statistics
     (a second forward pass) instead of saving them: training memory O(T (Dk + Dv)) instead of
-    O(T Dk Dv) per (batch, head), for about twice the forward time.
+    O(T Dk^2) per (batch, head), for about twice the forward time.
     Returns o [B, T, H, Dv] (dtype of q) and the final cache or None.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
@@ -241,7 +241,7 @@ def _stream_moments(qc, K, V, c, pos, bw, block_size, vk):
 
 class _BlockedFn(torch.autograd.Function):
     """Blocked local linear attention (ridge > 0) with a backward pass by recomputation, so
-    training memory is O(T Dk Dv) per (batch, head) -- the per-query statistics below -- and
+    training memory is O(T Dk^2) per (batch, head) -- the per-query statistics below -- and
     not the autograd graph of every (query block, key block) pair.
 
     Derivation. Per query (center c dropped: k, q stand for k - c, q - c), with p_i the
