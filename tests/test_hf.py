@@ -56,6 +56,26 @@ def test_prefill_then_steps_equals_full_forward(pattern):
     assert_close(torch.cat(parts, dim=1), full, tol=1e-8, what="prefill + steps")
 
 
+def test_cache_argument_under_either_name():
+    """transformers 5.24 renamed past_key_values to cache (generate() passes cache=): both
+    names continue a sequence, the output carries the cache under the installed version's
+    field, and two different caches are refused."""
+    from ttr.hf.model import CACHE_FIELD
+
+    model = make(HYBRID)
+    ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids).logits
+        for name in ("cache", "past_key_values"):
+            out = model(ids[:, :5])
+            cache = getattr(out, CACHE_FIELD)
+            assert isinstance(cache, TTRCache)
+            more = model(ids[:, 5:], **{name: cache}).logits
+            assert_close(torch.cat([out.logits, more], 1), full, tol=1e-8, what=name)
+        with pytest.raises(ValueError, match="two different"):
+            model(ids[:, :1], cache=TTRCache(), past_key_values=TTRCache())
+
+
 def test_continuation_chunk_equals_full_forward():
     model = make(HYBRID)
     ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(3))

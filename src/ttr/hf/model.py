@@ -11,9 +11,12 @@
 The blocks are the LM's own (no second implementation): `TTRModel.lm` is an `LM`, and
 `TTRForCausalLM.model` is a `TTRModel`, so one checkpoint loads into both. The readout of a
 backbone is kept (it is part of `LM`; tied to the embedding by default, so it costs nothing).
-Generation carries a `TTRCache` (ttr.hf.cache) in `past_key_values`: the per-layer
-MixerStates, each step feeding only the new token. Written for transformers 5 (dataclass
-configs, `_tied_weights_keys` as a {target: source} dict).
+Generation carries a `TTRCache` (ttr.hf.cache): the per-layer MixerStates, each step feeding
+only the new token. Written for transformers 5 (dataclass configs, `_tied_weights_keys` as a
+{target: source} dict). transformers 5.24 renamed the cache argument and output field from
+`past_key_values` to `cache` (generate() passes `cache=`; the old name still works with a
+deprecation warning); forward() takes either name and the outputs use the field the installed
+version has, so generation works before and after the rename.
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ttr.hf.cache import TTRCache
 from ttr.nn.lm import LM, LMConfig
+
+# The outputs' cache field: `cache` from transformers 5.24 on, `past_key_values` before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ \
+    else "past_key_values"
+
+
+def _cache_arg(past_key_values, cache):
+    """The cache passed under either name (see the module docstring), or None."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("cache, past_key_values: expected one cache, got two different ones")
+    return cache if cache is not None else past_key_values
 
 
 class TTRConfig(PretrainedConfig):
@@ -91,8 +105,8 @@ class TTRPreTrainedModel(PreTrainedModel):
                              f"{None if input_ids is None else tuple(input_ids.shape)}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if past_key_values is not None and not isinstance(past_key_values, TTRCache):
-            raise TypeError(f"past_key_values: expected a ttr.hf.TTRCache (or None), got "
-                            f"{type(past_key_values).__name__}")
+            raise TypeError(f"past_key_values (cache): expected a ttr.hf.TTRCache (or None), "
+                            f"got {type(past_key_values).__name__}")
         mask = None
         if attention_mask is not None:
             B, T = input_ids.shape
@@ -136,14 +150,14 @@ class TTRModel(TTRPreTrainedModel):
         return self.lm.norm(x), new
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None,
-                use_cache=None, return_dict=None, **kwargs):
+                use_cache=None, return_dict=None, cache=None, **kwargs):
         def step(ids_t, states):
             h, s = self._hidden(ids_t[:, None], states, True, step=True)
             return h[:, 0], s
 
-        h, cache = self._cached(self._hidden, step, input_ids, attention_mask, past_key_values,
-                                use_cache)
-        out = BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache)
+        h, cache = self._cached(self._hidden, step, input_ids, attention_mask,
+                                _cache_arg(past_key_values, cache), use_cache)
+        out = BaseModelOutputWithPast(last_hidden_state=h, **{CACHE_FIELD: cache})
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -175,8 +189,10 @@ class TTRForCausalLM(TTRPreTrainedModel, GenerationMixin):
         self.lm.head = value
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, labels=None,
-                use_cache=None, return_dict=None, **kwargs):
-        """CausalLMOutputWithPast(loss, logits [B, T, V], past_key_values: TTRCache or None).
+                use_cache=None, return_dict=None, cache=None, **kwargs):
+        """CausalLMOutputWithPast(loss, logits [B, T, V], cache: TTRCache or None; the field is
+        `past_key_values` before transformers 5.24). `cache` and `past_key_values` name the
+        same argument.
         With attention_mask, padded positions are dropped before the memories see them; their
         logits are zeros. Decoding (a non-empty cache, one new token) runs `LM.step`."""
 
@@ -184,7 +200,7 @@ class TTRForCausalLM(TTRPreTrainedModel, GenerationMixin):
             return self.lm(ids, states, output_states=output_states)
 
         logits, cache = self._cached(run, self.lm.step, input_ids, attention_mask,
-                                     past_key_values, use_cache)
+                                     _cache_arg(past_key_values, cache), use_cache)
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -193,5 +209,5 @@ class TTRForCausalLM(TTRPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1).to(logits.device),
                                    ignore_index=-100)
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
         return out if return_dict is not False else out.to_tuple()
