@@ -143,7 +143,7 @@ def _naive(q, K, V, Tc, bw, ridge, block_size, recompute):
     w = torch.exp(logw - logw.amax(-1, keepdim=True))  # [BH, T, L]
     # 2. moments; the outer products k k^T, v k^T are flattened so each moment is one matmul
     m = _moments(w, K, V)
-    return _intercept(*m, q, ridge)[0]
+    return _intercept(*m, q, ridge)
 
 
 def _blocked(q, K, V, Tc, bw, ridge, block_size, recompute):
@@ -203,7 +203,7 @@ def _query_block(qc, K, V, c, pos, bw, ridge, block_size, stats):
     no faster than lu_factor here."""
     mx, acc = _stream_moments(qc, K, V, c, pos, bw, block_size, vk=ridge == 0)
     if ridge == 0:
-        return _intercept(*acc, qc, ridge)[0], None
+        return _intercept(*acc, qc, ridge), None
     m0, m1, S2, mv = acc
     inv = (1.0 / m0)[..., None]
     kbar, vbar = m1 * inv, mv * inv  # [BH, Bq, Dk], [BH, Bq, Dv]
@@ -324,8 +324,8 @@ def _moments(w, k, v, vk=True):
 
 def _intercept(m0, m1, S2, mv, Mvk, qc, ridge):
     """M0 per query from unnormalized moments of keys centered at c; qc = q - c [BH, Tq, Dk].
-    Returns (M0 [BH, Tq, Dv], None). The naive form's solve, and the blocked form's for
-    ridge = 0 (its ridge > 0 path is `_query_block`'s)."""
+    Returns M0 [BH, Tq, Dv]. The naive form's solve, and the blocked form's for ridge = 0 (its
+    ridge > 0 path is `_query_block`'s)."""
     inv = (1.0 / m0)[..., None]
     kbar, vbar = m1 * inv, mv * inv  # [BH, Tq, Dk], [BH, Tq, Dv]
     cov_dd = S2 * inv[..., None] - kbar[..., :, None] * kbar[..., None, :]  # [BH, Tq, Dk, Dk]
@@ -335,7 +335,7 @@ def _intercept(m0, m1, S2, mv, Mvk, qc, ridge):
         # Eq. 54: M1^T = (Cov_dd + ridge I)^-1 Cov_dv, M0 = vbar - M1 dbar
         eye = torch.eye(cov_dd.shape[-1], dtype=cov_dd.dtype, device=cov_dd.device)
         m1t = torch.linalg.solve(cov_dd + ridge * eye, cov_dv)  # [BH, Tq, Dk, Dv]
-        return vbar - (dbar[..., None] * m1t).sum(-2), None
+        return vbar - (dbar[..., None] * m1t).sum(-2)
     # ridge = 0: the joint min-norm fit [M0; M1^T] = pinv(G) R on the design [1, d]
     dd = cov_dd + dbar[..., :, None] * dbar[..., None, :]  # E_p[d d^T]
     dv = cov_dv + dbar[..., :, None] * vbar[..., None, :]  # E_p[d v^T]
@@ -345,4 +345,4 @@ def _intercept(m0, m1, S2, mv, Mvk, qc, ridge):
     R = torch.cat([vbar[..., None, :], dv], -2)  # [BH, Tq, 1+Dk, Dv]
     G = 0.5 * (G + G.mT)  # exactly symmetric for the eigendecomposition in pinv
     theta = torch.linalg.pinv(G, rtol=PINV_RTOL[G.dtype], hermitian=True) @ R
-    return theta[..., 0, :], None
+    return theta[..., 0, :]
