@@ -259,8 +259,13 @@ class NeuralMemory(nn.Module):
     at step 1") and at T = 512 with another seed, in float64 too, and on the online regression
     task with frozen gates. lr_scale 0.03 kept those initializations finite but trained worse
     where 0.1 worked (zoology T = 64, best accuracy 13% against 99%) and still diverged during
-    training at T = 64 and 128, so the default stays 0.1. `block` is the chunk inside which
-    gradients are taken at the chunk's start memory (Titans Section 3.2)."""
+    training at T = 64 and 128, so the default stays 0.1. The cause is the chunk-start
+    approximation with momentum, not the memory: on that diverging layer-1 input (float64,
+    T = 128) the chunk form with chunks of 16 reached |W| ~ 1e30, while the exact recurrence
+    (chunk_size 1) stayed at |W| 0.55, chunks of 4 at 1.7, and chunks of 16 without momentum
+    were finite too. `block` is the chunk inside which gradients are taken at the chunk's start
+    memory (Titans Section 3.2); a smaller `chunk_size` in `catalog.get("titans", ...)` is the
+    stable choice, at more sequential chunk passes."""
 
     def __init__(self, d_model: int, n_heads: int, d_key: int, d_value: int, *, depth: int,
                  chunk_size: int, lr_scale: float = 0.1):
