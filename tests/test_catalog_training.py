@@ -69,3 +69,21 @@ def train_and_evaluate(name: str, seed: int = 0) -> float:
 def test_two_layer_model_learns_mqar(name):
     acc = train_and_evaluate(name)
     assert acc > 3 * CHANCE, f"{name}: accuracy {acc:.3f}, chance {CHANCE:.3f}"
+
+
+def test_titans_memory_finite_on_mqar_at_init():
+    """Titans' default chunks (4) on the MQAR input on which chunks of 16 overflowed at
+    initialization (momentum sums the repeated chunk-start gradients): the sweep's zoology
+    d_model 64, T = 128 model and batch, and a T = 512 one."""
+    from ttr.experiments.mqar import _seed
+    from ttr.experiments.sweep_tasks import CatalogMQARModel, MQARRun
+
+    for P, T, vocab in ((16, 128, 128), (64, 512, 256)):
+        run = MQARRun(layer="titans", variant="zoology", d_model=64, num_pairs=P, seq_len=T,
+                      n_heads=2, vocab_size=vocab)
+        key = (run.seed, run.variant, run.num_pairs, run.seq_len, run.vocab)
+        torch.manual_seed(_seed(*key, "init", run.layer, run.d_model))
+        model = CatalogMQARModel(run)
+        ids = run.data(32, T, torch.Generator().manual_seed(_seed(*key, "train")))[0]
+        with torch.no_grad():
+            assert torch.isfinite(model(ids)).all(), (P, T)

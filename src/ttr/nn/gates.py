@@ -252,20 +252,15 @@ class NeuralMemory(nn.Module):
     (ttr.ops.titans.titans_params; depth 2, SiLU) and data-dependent learning rate theta_t,
     momentum eta_t and forgetting alpha_t per head, each a sigmoid of a projection of x. The
     learning rate is scaled by `lr_scale` so that the inner steps start small; momentum rests
-    near 0.9 and forgetting near 0.02. Known problem, measured and not solved: the inner
-    optimizer can diverge. Within a chunk every step repeats the chunk-start gradient and
-    momentum sums them, so repeated keys (MQAR) overflow the memory -- at initialization for
-    zoology MQAR at T = 128 (d_model 64, the sweep's seed: all three learning rates "diverged
-    at step 1") and at T = 512 with another seed, in float64 too, and on the online regression
-    task with frozen gates. lr_scale 0.03 kept those initializations finite but trained worse
-    where 0.1 worked (zoology T = 64, best accuracy 13% against 99%) and still diverged during
-    training at T = 64 and 128, so the default stays 0.1. The cause is the chunk-start
-    approximation with momentum, not the memory: on that diverging layer-1 input (float64,
-    T = 128) the chunk form with chunks of 16 reached |W| ~ 1e30, while the exact recurrence
-    (chunk_size 1) stayed at |W| 0.55, chunks of 4 at 1.7, and chunks of 16 without momentum
-    were finite too. `block` is the chunk inside which gradients are taken at the chunk's start
-    memory (Titans Section 3.2); a smaller `chunk_size` in `catalog.get("titans", ...)` is the
-    stable choice, at more sequential chunk passes."""
+    near 0.9 and forgetting near 0.02. Stability: within a chunk every step repeats the
+    chunk-start gradient and momentum sums them, so with chunks of 16 repeated keys (MQAR)
+    overflowed the memory at initialization (zoology, d_model 64, T = 128; T = 512 with another
+    seed; float64 too). On that diverging input (float64, T = 128) chunks of 16 reached |W| ~
+    1e30, the exact recurrence (chunk_size 1) stayed at |W| 0.55, chunks of 4 at 1.7, and chunks
+    of 16 without momentum were finite; hence the catalogue's chunks of 4. A smaller lr_scale
+    (0.03) was tried instead: it kept those initializations finite but trained worse (zoology
+    T = 64, 13% against 99%) and still diverged in training. `block` is the chunk inside which
+    gradients are taken at the chunk's start memory (Titans Section 3.2)."""
 
     def __init__(self, d_model: int, n_heads: int, d_key: int, d_value: int, *, depth: int,
                  chunk_size: int, lr_scale: float = 0.1):
