@@ -20,7 +20,7 @@ full: d_model in {32, 64, 128} x lr in {1e-3, 3e-3, 1e-2} x 600 steps, zoology (
 d_model 32: 14 (T = 64) / 28 (T = 128); 64: 27 / 58; 128: 67 / 150. On the AMD EPYC of session
 8 (fp32 matmuls ~3x slower) the zoology d_model 64 runs of the later entries took 40-600 s,
 median 145 s, with two workers; one-thread training steps at the paper variant's d_model 128,
-T = 128 point: 76-310 ms for most entries, ttt_mlp 0.8 s, titans 1.4 s, local_linear 2.3 s,
+T = 128 point: 76-310 ms for most entries, ttt_mlp 0.8 s, titans 1.4 s (chunks of 16), local_linear 2.3 s,
 mesanet 0.5 s (after session 8's local-linear and mesanet changes; 6.1 and 4.6 s before). The
 expensive entries come last in the catalogue, so the remaining runs cost far more than the
 first ones: ~60 core-hours on that machine is the estimate after 234 runs. It resumes, so it
