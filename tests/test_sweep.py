@@ -220,6 +220,34 @@ def test_a_diverging_mqar_run_is_a_result():
     assert result["final_loss"] is None
 
 
+def test_a_numerical_error_is_a_divergence_and_a_plain_value_error_is_a_crash(monkeypatch):
+    """A singular Gram (NumericalError) mid-training is a result; any other ValueError is a
+    bug and must reach the sweep, which reports the run as failed."""
+    import ttr.experiments.mqar as mqar
+    from ttr.ops import NumericalError
+
+    run = MQARRun.from_dict({**{k: v for k, v in TINY_MQAR.items() if k != "task"},
+                             "layer": "linear_attention", "steps": 6})
+    original, calls = mqar.train_step, []
+    singular = NumericalError("ridge: not positive definite")
+
+    def blows_up_at_3(*args, exc=singular):
+        calls.append(1)
+        if len(calls) == 3:
+            raise exc
+        return original(*args)
+
+    monkeypatch.setattr(mqar, "train_step", blows_up_at_3)
+    result = run_mqar(run, lambda *a: None)
+    assert result["diverged_at_step"] == 3 and result["accuracy"] == 0.0
+    assert "not positive definite" in result["diverged_reason"]
+    calls.clear()
+    monkeypatch.setattr(mqar, "train_step",
+                        lambda *a: blows_up_at_3(*a, exc=ValueError("q: expected 4 dims")))
+    with pytest.raises(ValueError, match="expected 4 dims"):
+        run_mqar(run, lambda *a: None)
+
+
 def test_report_plots_accuracy_against_T_and_d_model(tmp_path):
     """Where T or d_model varies at a (variant, P) point, the report draws those plots."""
     runs = [dict(TINY_MQAR, source="recipe", layer=layer, variant="paper", n_layers=1,

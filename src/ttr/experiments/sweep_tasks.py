@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ttr.configs import from_dict
+from ttr.ops.common import NumericalError
 
 MQAR_VARIANTS = ("zoology", "paper")
 REGRESSION_VARIANTS = ("switch", "stationary", "noisy")
@@ -197,8 +198,10 @@ class CatalogMQARModel(nn.Module):
 def run_mqar(run: MQARRun, progress: Callable[[int, int], None]) -> dict:
     """Train with AdamW (linear warmup, cosine decay; weight decay on matrices) on fresh
     sequences every step; evaluate on n_test held-out sequences. Seeded by the config alone.
-    A run whose loss or weights become non-finite stops there and scores accuracy 0, with the
-    step recorded (`diverged_at_step`): at the top of a learning-rate sweep that happens."""
+    A run whose loss or weights become non-finite, or whose layer meets a numerically singular
+    system (`NumericalError`), stops there and scores accuracy 0, with the step and the reason
+    recorded (`diverged_at_step`, `diverged_reason`): at the top of a learning-rate sweep that
+    happens."""
     from ttr.experiments.mqar import (
         MQARModel,
         _schedule,
@@ -228,11 +231,11 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None]) -> dict:
             group["lr"] = run.lr * _schedule(step, run.steps, run.warmup)
         try:
             loss = train_step(model, opt, *run.data(run.batch_size, run.seq_len, gen))
-        except ValueError as e:  # the ops refuse non-finite inputs: the weights blew up
-            if "NaN or Inf" not in str(e):
-                raise
-            loss = math.nan
-        if not math.isfinite(loss):
+        except NumericalError as e:  # non-finite activations, a numerically singular Gram
+            loss, reason = math.nan, str(e)
+        else:
+            reason = None if math.isfinite(loss) else "the loss is not finite"
+        if reason is not None:
             diverged = step + 1
             progress(run.steps, run.steps)
             break
@@ -243,7 +246,8 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None]) -> dict:
     tail = losses[-10:]
     return {"accuracy": 0.0 if diverged else evaluate(model, *test),
             "final_loss": None if diverged else sum(tail) / len(tail),
-            "diverged_at_step": diverged, "state_floats": state,
+            "diverged_at_step": diverged, "diverged_reason": reason if diverged else None,
+            "state_floats": state,
             "params": sum(p.numel() for p in model.parameters()),
             "train_seconds": round(seconds, 2), "chance": 1 / (run.vocab // 2)}
 

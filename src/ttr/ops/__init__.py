@@ -1,5 +1,6 @@
 """Pure tensor functions, one file per solver family (DESIGN.md, "The op contract")."""
 
+from ttr.ops.common import NumericalError
 from ttr.ops.delta import delta_rule, delta_rule_step
 from ttr.ops.delta_product import delta_product, delta_product_step
 from ttr.ops.kernel import kernel_regression
@@ -15,6 +16,7 @@ from ttr.ops.rwkv6 import rwkv6, rwkv6_step
 from ttr.ops.titans import titans, titans_params
 
 __all__ = [
+    "NumericalError",
     "delta_rule", "delta_rule_step",
     "delta_product", "delta_product_step",
     "kernel_regression",

@@ -53,6 +53,12 @@ def check_tensor(name: str, x, ndim: int | None = None) -> torch.Tensor:
     return x
 
 
+class NumericalError(ValueError):
+    """Input of the right kind that the op cannot compute with in working precision: NaN or
+    Inf values, or a Gram matrix singular to rounding. A training loop can tell this (its
+    weights blew up) from a programming error, which stays a plain ValueError."""
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
     """Raise if `x` holds a NaN or an Inf.
 
@@ -64,7 +70,7 @@ def check_finite(name: str, x: torch.Tensor) -> None:
     if _is_compiling() or x.numel() == 0:
         return
     if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: contains NaN or Inf; expected finite values")
+        raise NumericalError(f"{name}: contains NaN or Inf; expected finite values")
 
 
 def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:

@@ -93,6 +93,7 @@ import math
 import torch
 
 from ttr.ops.common import (
+    NumericalError,
     _is_compiling,
     check_cu_seqlens,
     check_form,
@@ -284,8 +285,8 @@ def _exact_recurrent(q, K, V, w, Tc, kern, ridge, block_size):
         G = G + ridge * torch.eye(n, dtype=G.dtype, device=G.device)
         alpha, info = torch.linalg.solve_ex(G, c)  # [BH, n, 1]
         if not _is_compiling() and bool((info > 0).any()):
-            raise ValueError(f"ridge: the kernel Gram matrix S k(K, K) S + ridge I of the first "
-                             f"{n} keys is singular (ridge={ridge}); use ridge > 0")
+            raise NumericalError(f"ridge: the kernel Gram matrix S k(K, K) S + ridge I of the "
+                                 f"first {n} keys is singular (ridge={ridge}); use ridge > 0")
         if s is not None:
             alpha = s[..., :, None] * alpha
         outs.append((alpha * Vt).sum(1))  # [BH, Dv]
@@ -395,9 +396,9 @@ def _check_factor(info, Ljj, dg, a, ridge) -> None:
         if not bool(tiny.any()):
             return
         key = a + int(tiny.nonzero()[:, -1].min())
-    raise ValueError(f"ridge: the kernel Gram matrix S k(K, K) S + ridge I is not positive "
-                     f"definite to working precision at key {key} (ridge={ridge}); use a "
-                     f"larger ridge, float64, distinct keys or positive sample weights")
+    raise NumericalError(f"ridge: the kernel Gram matrix S k(K, K) S + ridge I is not "
+                         f"positive definite to working precision at key {key} (ridge={ridge}); "
+                         f"use a larger ridge, float64, distinct keys or positive sample weights")
 
 
 # -- forms: one GD step (unnormalized kernel attention) --------------------------------------
