@@ -14,17 +14,18 @@ P = 32, T = 64 -- with 300 steps of 32 sequences and lr in {3e-3, 1e-2}: 33 entr
 variants x 2 lrs = 132 runs; measured 48 minutes on 2 cores while two language-model
 trainings shared them (per-run times sum to 1.6 hours: about 25 minutes on an idle machine,
 an estimate), results in docs/results/sweeps/mqar_catalogue-quick.
-full: d_model in {32, 64, 128} x lr in {1e-3, 3e-3, 1e-2} x 600 steps, zoology (P, T) in {(8,
-64), (16, 128)}, paper (P, T) in {(32, 64), (64, 128)}: 1188 runs. Measured on the first 120
-(zoology variant, cheap entries first, one thread per run, Intel Xeon, median seconds): d_model
-32: 14 (T = 64) / 28 (T = 128); 64: 27 / 58; 128: 67 / 150. On the AMD EPYC of session 8 (fp32
-matmuls ~3x slower) the zoology d_model 64 runs of the later entries took 40-600 s, median 145
-s, with two workers; one-thread training steps at the paper variant's d_model 128, T = 128
-point: 76-310 ms for most entries, ttt_mlp 0.8 s, titans 1.4 s (chunks of 16), local_linear 2.3
-s, mesanet 0.5 s (after session 8's local-linear and mesanet changes; 6.1 and 4.6 s before). The
-expensive entries come last in the catalogue, so the remaining runs cost far more than the first
-ones: ~60 core-hours on that machine is the estimate after 234 runs. It resumes, so it runs in
-pieces (d_model 64 of both variants first); the finished runs are in
+full: d_model in {32, 64, 128} x lr in {1e-3, 3e-3, 1e-2} x 600 steps; zoology (P, T) in
+{(8, 64), (16, 128)}, paper (P, T) in {(32, 64), (64, 128)}: 1188 runs, one thread each, two
+workers on 2 cores. Wall time, measured so far (per-run seconds summed, mostly the Intel Xeon,
+part on session 8's AMD EPYC, whose fp32 matmuls are ~3x slower):
+  - d_model 64, both variants (396 runs): 10.3 core-hours; the entries' median runs range from
+    14 s (softmax attention) to 400 s (titans);
+  - a d_model 128 run costs a median 2.1x the same run at d_model 64 (81 pairs), a d_model 32
+    run 0.5x (42 pairs);
+  - so the whole sweep is ~37 core-hours, ~19 hours on 2 cores. The slowest entries are the
+    expensive ones at d_model 128: mamba2 450 s, titans, ttt_mlp, local_linear and mesanet
+    (their one-thread steps at d_model 128, T = 128: 0.5-2.3 s against 76-310 ms for most).
+It resumes, so it runs in pieces, in the order below; the finished runs are in
 docs/results/sweeps/mqar_catalogue-full.
 """
 
