@@ -185,10 +185,9 @@ def test_softmax_bandwidth_is_gaussian_kernel_and_eq51():
     for op, forms in ALL_FORMS.items() for form in forms for kind in kinds(op, form)
 ] + [pytest.param("softmax_attention", f, "bandwidth", id=f"softmax_attention-{f}-bandwidth")
      for f in ("recurrent", "fused")])
-def test_gradcheck(op, form, decay, monkeypatch):
+def test_gradcheck(op, form, decay):
     # chunks of 4 over T = 5: the per-dimension path's split in halves has two levels, and
-    # the chunk-state passing runs one chunk per group (the carry between groups is used)
-    monkeypatch.setattr(linear_module, "STATE_GROUP", 1)
+    # the chunk-state passing carries a state from one chunk to the next
     B, T, H, Dk, Dv = 1, 5, 1, 3, 2
     variant = 1 if decay == "bandwidth" else 5  # rls: beta given and ridge a tensor
     x = make_inputs(op, B, T, H, Dk, Dv, "none" if decay == "bandwidth" else decay, (0.1, 1.0),
@@ -497,3 +496,43 @@ def test_per_dim_chunks_factored_only_where_mild(case, monkeypatch):
     assert_close(s, s_ref, tol=1e-12, what="final state")
     for name, a, b in zip("qkvg", grads, grads_ref, strict=True):
         assert_close(a, b, tol=1e-10, what=f"d{name}")
+
+
+@pytest.mark.parametrize("kind", ["none", "scalar", "per_dim"])
+@pytest.mark.parametrize("with_s0", [False, True])
+def test_pass_states_is_the_chunk_recurrence_with_its_gradients(kind, with_s0):
+    """`_pass_states` (a scan with a written-out backward) against the recurrence
+    S0_{c+1} = diag(exp(a_c)) S0_c + U_c as an autograd loop, values and gradients, float64."""
+    B, H, n, Dk, Dv = 2, 3, 5, 4, 3
+    gen = torch.Generator().manual_seed(0)
+    U = torch.randn(B, H, n, Dk, Dv, dtype=torch.float64, generator=gen)
+    shape = {"none": None, "scalar": (B, H, n), "per_dim": (B, H, n, Dk)}[kind]
+    a = None if shape is None else -torch.rand(*shape, dtype=torch.float64, generator=gen)
+    s0 = torch.randn(B, H, Dk, Dv, dtype=torch.float64, generator=gen) if with_s0 else None
+    leaves = [x.requires_grad_() for x in (U, a, s0) if x is not None]
+
+    def loop(U, a, s0):
+        S, starts = (torch.zeros_like(U[:, :, 0]) if s0 is None else s0), []
+        for c in range(n):
+            starts.append(S)
+            e = 1.0 if a is None else torch.exp(a[:, :, c])
+            e = e if a is None else (e[..., None] if a.ndim == 4 else e[..., None, None])
+            S = e * S + U[:, :, c]
+        return torch.stack(starts, 2), S
+
+    got, want = linear_module._pass_states(U, a, s0), loop(U, a, s0)
+    w = [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in want]
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(sum((x * v).sum() for x, v in zip(got, w, strict=True)), leaves)
+    g_want = torch.autograd.grad(sum((x * v).sum() for x, v in zip(want, w, strict=True)), leaves)
+    for x, y in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+    def f(*xs):  # the leaves back in _pass_states' argument order
+        it = iter(xs)
+        return linear_module._pass_states(next(it), None if a is None else next(it),
+                                          next(it) if with_s0 else None)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves))
+

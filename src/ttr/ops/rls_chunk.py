@@ -90,11 +90,10 @@ def chunk_rls(
         # symmetrized, so that the gradient w.r.t. H_kk,0 is the one of the symmetric matrix
         # every other form also sees
         hkk0, hkv0 = 0.5 * (initial_state[0] + initial_state[0].mT), initial_state[1]
-    # exclusive sums over chunks as one matmul each (`_pass_states` with zero decay; cumsum
-    # along the chunk axis ran ~4 ms per call here), which also hand back the final states
-    zero = gram_kk.new_zeros(B, H, N)
-    hkk, final_kk = _pass_states(gram_kk, zero, hkk0)  # [B, H, N, Dk, Dk], [B, H, Dk, Dk]
-    hkv, final_kv = _pass_states(gram_kv, zero, hkv0)
+    # exclusive sums over chunks (`_pass_states` without decay; torch.cumsum along the chunk
+    # axis ran ~4 ms per call here), which also hand back the final states
+    hkk, final_kk = _pass_states(gram_kk, None, hkk0)  # [B, H, N, Dk, Dk], [B, H, Dk, Dk]
+    hkv, final_kv = _pass_states(gram_kv, None, hkv0)
 
     # 2. base inverse A^{-1}, A = H_kk,start + lambda I (SPD: lambda > 0). Batched LU `inv`, not
     # Cholesky + cholesky_inverse: at 512 matrices of 64 x 64, forward + backward 19 ms
