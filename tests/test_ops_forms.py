@@ -500,9 +500,16 @@ def test_per_dim_chunks_factored_only_where_mild(case, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["none", "scalar", "per_dim"])
 @pytest.mark.parametrize("with_s0", [False, True])
-def test_pass_states_is_the_chunk_recurrence_with_its_gradients(kind, with_s0):
-    """`_pass_states` (a scan with a written-out backward) against the recurrence
-    S0_{c+1} = diag(exp(a_c)) S0_c + U_c as an autograd loop, values and gradients, float64."""
+@pytest.mark.parametrize("algorithm", ["scan", "matmul"])
+def test_pass_states_is_the_chunk_recurrence_with_its_gradients(kind, with_s0, algorithm,
+                                                                monkeypatch):
+    """`_pass_states` against the recurrence S0_{c+1} = diag(exp(a_c)) S0_c + U_c as an
+    autograd loop, values and gradients, float64: the CPU's scan with its written-out backward,
+    and the grouped matmuls of GPUs and torch.compile (groups of 2 over 5 chunks, so the carry
+    between groups is used)."""
+    if algorithm == "matmul":
+        monkeypatch.setattr(linear_module, "_is_compiling", lambda: True)
+        monkeypatch.setattr(linear_module, "STATE_GROUP", 2)
     B, H, n, Dk, Dv = 2, 3, 5, 4, 3
     gen = torch.Generator().manual_seed(0)
     U = torch.randn(B, H, n, Dk, Dv, dtype=torch.float64, generator=gen)

@@ -367,18 +367,59 @@ def _pass_states(U: torch.Tensor, a: torch.Tensor | None, s0):
     decay: exclusive prefix sums), [B, H, n] (scalar) or [B, H, n, Dk] (per key dimension).
     Returns S0 [B, H, n, Dk, Dv] and the state after the last chunk [B, H, Dk, Dv].
 
-    The recurrence runs as written, chunk by chunk, with a written-out backward (`_StateScan`):
-    n fused multiply-adds on [B, H, Dk, Dv] each way. Measured at 16 heads, Dk = Dv = 64,
-    forward + backward (session 10): against one decay-matrix matmul over groups of 32 chunks
-    (the unrolled recurrence, used before), scalar decay 5.4 -> 3.3 ms at n = 32 and 38 -> 18 ms
-    at n = 128; per key dimension, where that matmul needed a decay matrix per state row and
-    transposed copies in and out, 11.0 -> 3.9 ms at n = 32. (torch.cumsum along the chunk axis,
-    for no decay, and an autograd-recorded loop were slower still.) Under torch.compile the loop
-    unrolls into n steps."""
+    Two algorithms for the one recurrence, both exact (they add the same decayed terms):
+    - on a CPU, eager: a scan, chunk by chunk, with a written-out backward (`_StateScan`):
+      n fused multiply-adds on [B, H, Dk, Dv] each way;
+    - when compiling, and on other devices: the recurrence unrolled into one decay-matrix
+      matmul per group of STATE_GROUP chunks (`_pass_states_matmul`), which a GPU runs as a
+      few large kernels instead of n dependent small ones, and which torch.compile does not
+      unroll into n steps.
+    Measured on the CPU (16 heads, Dk = Dv = 64, forward + backward, session 10), scan against
+    matmul: scalar decay 3.3 against 5.4 ms at n = 32 chunks and 18 against 38 ms at n = 128;
+    per key dimension, where the matmul needs a decay matrix per state row and transposed
+    copies in and out, 3.9 against 11.0 ms at n = 32. (torch.cumsum along the chunk axis, for
+    no decay, and an autograd-recorded loop were slower than either.)"""
+    if U.device.type != "cpu" or _is_compiling():
+        zero = U.new_zeros(U.shape[:3])  # [B, H, n]: no decay is log-decay 0
+        return _pass_states_matmul(U, zero if a is None else a, s0)
     if a is not None:
         a = decay_exp(a).unsqueeze(-1)  # [B, H, n, Dk, 1]
         a = a.unsqueeze(-1) if a.ndim == 4 else a  # scalar: [B, H, n, 1, 1]
     return _StateScan.apply(U, a, s0)
+
+
+STATE_GROUP = 32  # chunks per matmul in _pass_states_matmul
+
+
+def _pass_states_matmul(U: torch.Tensor, a: torch.Tensor, s0):
+    """`_pass_states` as matmuls, a [B, H, n] or [B, H, n, Dk]. Unrolled, S0_c = sum_{p <= c}
+    exp(a'_{p+1} + ... + a'_c) U'_p with U'_0 = s0, U'_p = U_{p-1} and a'_p = a_{p-1}: one
+    decay matrix (decay_matrix, over chunks instead of steps) times the stacked contributions.
+    In groups of STATE_GROUP chunks, each group's incoming state being its U'_0, so the cost
+    stays linear in n. Per key dimension, each row of the state is its own chain: the decay
+    matrix gets a Dk axis."""
+    B, H, n, Dk, Dv = U.shape
+    per_dim = a.ndim == 4
+    if per_dim:  # [B, H, Dk, n, Dv] chains, one per key dimension
+        X, a = U.transpose(2, 3), a.transpose(2, 3)  # a: [B, H, Dk, n]
+        carry = None if s0 is None else s0.unsqueeze(3)  # [B, H, Dk, 1, Dv]
+    else:  # one chain over whole flattened states
+        X, a = U.reshape(B, H, 1, n, Dk * Dv), a.unsqueeze(2)  # a: [B, H, 1, n]
+        carry = None if s0 is None else s0.reshape(B, H, 1, 1, Dk * Dv)
+    starts = []
+    for Ug, ag in zip(X.split(STATE_GROUP, 3), a.split(STATE_GROUP, 3), strict=True):
+        # [.., m+1, m+1], position 0 the carry; always flushed: its exponents span many chunks
+        D = decay_matrix(F.pad(ag, (1, 0)))
+        S0g = D[..., :-1, 1:] @ Ug  # [.., m, width] the states entering the group's chunks
+        if carry is not None:
+            S0g = torch.addcmul(S0g, D[..., :-1, :1], carry)
+        starts.append(S0g)
+        # the state leaving the group: one more step from its last chunk (D[m, m-1] = e^{a_m})
+        carry = torch.addcmul(Ug[..., -1:, :], D[..., -1:, -2:-1], S0g[..., -1:, :])
+    S0 = starts[0] if len(starts) == 1 else torch.cat(starts, dim=3)  # [B, H, Dk|1, n, width]
+    if per_dim:
+        return S0.transpose(2, 3), carry.squeeze(3)  # [B, H, n, Dk, Dv], [B, H, Dk, Dv]
+    return S0.reshape(B, H, n, Dk, Dv), carry.reshape(B, H, Dk, Dv)
 
 
 class _StateScan(torch.autograd.Function):
