@@ -182,6 +182,17 @@ def test_report_of_a_partial_sweep_says_so(tmp_path):
     assert "Runs finished: 1;" in leaderboard.write(out)["leaderboard"].read_text()
 
 
+def test_report_shows_the_experiments_caveats(tmp_path):
+    path = _experiment(tmp_path, TINY_RUNS[-1:])
+    path.write_text(path.read_text() + "\nCAVEATS = ['the zoology table measures the conv']\n")
+    out = tmp_path / "out"
+    run_sweep(get_experiment(str(path)), out, progress=False, workers=1, log=lambda s: None)
+    text = leaderboard.write(out)["leaderboard"].read_text()
+    assert "**Caveats**" in text and "- the zoology table measures the conv" in text
+    path.write_text(path.read_text().replace("CAVEATS", "NOT_CAVEATS"))
+    assert "Caveats" not in leaderboard.write(out)["leaderboard"].read_text()
+
+
 def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, monkeypatch):
     """A run that raises leaves no result file and does not stop the others; the sweep ends
     with SweepFailed naming it, and a rerun retries only that run. (fork, so that the workers

@@ -313,10 +313,12 @@ def write(out_dir: Path, command: str = "") -> dict:
     from ttr.sweep import get_experiment, plan
 
     try:
-        spec = meta.get("spec", meta["experiment"])
-        planned = len(plan(get_experiment(spec), meta["mode"] == "quick"))
+        experiment = get_experiment(meta.get("spec", meta["experiment"]))
+        planned = len(plan(experiment, meta["mode"] == "quick"))
     except (ValueError, OSError):  # a user's experiment file that has moved or changed
-        planned = None
+        experiment, planned = None, None
+    # what the experiment says its numbers do not show (module attribute CAVEATS: list[str])
+    caveats = list(getattr(experiment, "CAVEATS", ()))
     mq = mqar_rows([r for r in records if r["task"] == "mqar"])
     rg = regression_rows([r for r in records if r["task"] == "online_regression"])
     hours = sum(r["seconds"] for r in records) / 3600
@@ -330,6 +332,9 @@ def write(out_dir: Path, command: str = "") -> dict:
     if planned and len(records) < planned:
         lines += [f"**Partial:** {planned - len(records)} runs have not finished; rerun the "
                   "sweep command to finish them (finished runs are skipped).", ""]
+    if caveats:
+        lines += ["**Caveats** (from the experiment's definition):", ""]
+        lines += [f"- {c}" for c in caveats] + [""]
     for name, rows, section, plot in (("mqar", mq, _mqar_section, plot_mqar),
                                       ("regression", rg, _regression_section, plot_regression)):
         if not rows:
