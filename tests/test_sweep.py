@@ -231,6 +231,24 @@ def test_a_diverging_mqar_run_is_a_result():
     assert result["final_loss"] is None
 
 
+@pytest.mark.parametrize("variant", ["zoology", "paper"])
+def test_entries_without_a_key_conv_get_one_in_both_variants(variant):
+    """The length-2 key conv (Eq. 56-58) goes to every entry that has none (softmax attention),
+    not over an entry's own (deltanet's 4), and key_conv=0 leaves it out."""
+    from ttr.experiments.sweep_tasks import CatalogMQARModel
+
+    model = dict(n_layers=1, mlp=False) if variant == "paper" else dict(n_layers=2, mlp=True)
+    base = {**{k: v for k, v in TINY_MQAR.items() if k != "task"}, **model, "variant": variant}
+
+    def conv_k(layer, **over):
+        run = MQARRun.from_dict({**base, "layer": layer, **over})
+        return {m.config.conv_k for m in CatalogMQARModel(run).mixers}
+
+    assert conv_k("softmax_attention") == {2}
+    assert conv_k("deltanet") == {4}
+    assert conv_k("softmax_attention", key_conv=0) == {0}
+
+
 def test_a_numerical_error_is_a_divergence_and_a_plain_value_error_is_a_crash(monkeypatch):
     """A singular Gram (NumericalError) mid-training is a result; any other ValueError is a
     bug and must reach the sweep, which reports the run as failed."""
