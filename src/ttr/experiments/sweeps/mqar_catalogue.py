@@ -43,8 +43,9 @@ CAVEATS = [
     "the 12 entries with their own conv reached 84-100%, 18 of the 21 without one 12-16%; "
     "softmax attention 12.3% as swept, 15.6% with RoPE, 12.9% with 5x the steps, 100% with "
     "the conv); those runs were deleted and rerun with the conv.",
-    "zoology variant: the budget (600 steps x 32 sequences) is far below zoology's own, so "
-    "entries that need longer training rank lower than they would there.",
+    "the training budget (600 steps of 32 sequences; 300 in the quick configuration) is far "
+    "below zoology's own, so entries that need longer training rank lower than they would "
+    "there.",
 ]
 
 
