@@ -382,10 +382,10 @@ def _pass_states(U: torch.Tensor, a: torch.Tensor | None, s0):
     if U.device.type != "cpu" or _is_compiling():
         zero = U.new_zeros(U.shape[:3])  # [B, H, n]: no decay is log-decay 0
         return _pass_states_matmul(U, zero if a is None else a, s0)
-    if a is not None:
-        a = decay_exp(a).unsqueeze(-1)  # [B, H, n, Dk, 1]
-        a = a.unsqueeze(-1) if a.ndim == 4 else a  # scalar: [B, H, n, 1, 1]
-    return _StateScan.apply(U, a, s0)
+    e = None  # the decay over each chunk, broadcast against the states
+    if a is not None:  # per key dimension [B, H, n, Dk, 1], scalar [B, H, n, 1, 1]
+        e = decay_exp(a)[..., None] if a.ndim == 4 else decay_exp(a)[..., None, None]
+    return _StateScan.apply(U, e, s0)
 
 
 STATE_GROUP = 32  # chunks per matmul in _pass_states_matmul
