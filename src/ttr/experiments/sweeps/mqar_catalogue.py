@@ -43,6 +43,12 @@ CAVEATS = [
     "the 12 entries with their own conv reached 84-100%, 18 of the 21 without one 12-16%; "
     "softmax attention 12.3% as swept, 15.6% with RoPE, 12.9% with 5x the steps, 100% with "
     "the conv); those runs were deleted and rerun with the conv.",
+    "paper variant, one head: Mamba-2's decay initialization (A ~ U[1, 16], Delta log-uniform "
+    "on [1e-3, 1e-1]) draws one timescale per head, so a one-head layer lives with one draw. "
+    "gated_deltanet at d_model 64, P = 64, T = 128 drew A = 11.1, Delta = 0.092: a decay of "
+    "0.36 per step, which forgets within a few tokens; it never learned there (loss ln 64 at "
+    "every learning rate), while at P = 32 it drew a decay of 0.984 per step and reached 100%. "
+    "Entries with MambaDecay (gated_deltanet, mamba2) rank by their draw at such points.",
     "the training budget (600 steps of 32 sequences; 300 in the quick configuration) is far "
     "below zoology's own, so entries that need longer training rank lower than they would "
     "there.",
