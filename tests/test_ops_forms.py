@@ -543,3 +543,32 @@ def test_pass_states_is_the_chunk_recurrence_with_its_gradients(kind, with_s0, a
 
     assert torch.autograd.gradcheck(f, tuple(leaves))
 
+
+
+def test_factored_per_dim_backward_equals_the_exact_path(monkeypatch):
+    """The all-mild per-dimension path (`_FactoredPerDim`, a written-out backward) against the
+    exact segment-sum path with autograd (taken when compiling), values and gradients of q, k,
+    v, g and the initial state, float64; the factored path must have been taken."""
+    gen = torch.Generator().manual_seed(4)
+    B, T, H, Dk, Dv = 2, 37, 2, 5, 3
+    q, k, v = (torch.randn(B, T, H, d, dtype=torch.float64, generator=gen) for d in (Dk, Dk, Dv))
+    g = -0.2 * torch.rand(B, T, H, Dk, dtype=torch.float64, generator=gen)  # chunks of 8: mild
+    s0 = torch.randn(B, H, Dk, Dv, dtype=torch.float64, generator=gen)
+    w = torch.randn(B, T, H, Dv, dtype=torch.float64, generator=gen)
+    ws = torch.randn(B, H, Dk, Dv, dtype=torch.float64, generator=gen)
+
+    def run():
+        xs = [x.clone().requires_grad_() for x in (q, k, v, g, s0)]
+        o, S = linear_attention(*xs[:4], initial_state=xs[4], output_final_state=True,
+                                form="chunk", chunk_size=8)
+        loss = (o * w).sum() + (S * ws).sum()
+        return [o, S, *torch.autograd.grad(loss, xs)]
+
+    taken, factored = [], linear_module._FactoredPerDim.apply
+    monkeypatch.setattr(linear_module._FactoredPerDim, "apply",
+                        lambda *a: taken.append(1) or factored(*a))
+    fast = run()
+    assert taken, "the factored path was not taken"
+    monkeypatch.setattr(linear_module, "_is_compiling", lambda: True)
+    for x, y in zip(fast, run(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
