@@ -24,8 +24,9 @@ Forms
              (derivation: docs/linear_chunk.md). Chunks that decay mildly (by at most
              e^-FACTOR_SPAN) take the cheaper factorization through the chunk start instead,
              whose gradient error is bounded there: per dimension chunk by chunk
-             (_per_dim_terms), for scalar decay when every chunk is mild
-             (_chunk_scalar_factored).
+             (_per_dim_terms; when every chunk is mild, _FactoredPerDim, with a written-out
+             backward), for scalar decay when every chunk is mild (_chunk_scalar_factored).
+             The chunk states pass by a scan on the CPU, by matmuls elsewhere (_pass_states).
 
 Numerics: every decay factor is evaluated as exp(a - b) with a <= b, i.e. exp of a non-positive
 number (masked entries become exp(-inf) = 0 before the exp, never after, so gradients stay finite).
