@@ -545,6 +545,43 @@ def test_pass_states_is_the_chunk_recurrence_with_its_gradients(kind, with_s0, a
 
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["float64", "bf16-autocast"])
+@pytest.mark.parametrize("with_s0", [False, True], ids=["no-s0", "s0"])
+def test_no_decay_chunk_backward_equals_autograd(monkeypatch, half, with_s0):
+    """The no-decay chunk form on the CPU (`_NoDecayChunk`, a written-out backward) against the
+    same terms recorded by autograd (the path taken when compiling, whose states pass by
+    matmuls): values and gradients of q, k, v and the initial state, in float64 and under bf16
+    autocast (half matmuls, float32 states); the written-out path must have been taken."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, Dk, Dv = 2, 37, 2, 5, 3
+    dt = torch.float32 if half else torch.float64
+    q, k, v = (torch.randn(B, T, H, d, dtype=dt, generator=gen) for d in (Dk, Dk, Dv))
+    s0 = torch.randn(B, H, Dk, Dv, dtype=dt, generator=gen) if with_s0 else None
+    w = torch.randn(B, T, H, Dv, dtype=dt, generator=gen)
+    ws = torch.randn(B, H, Dk, Dv, dtype=dt, generator=gen)
+
+    def run():
+        xs = [x.clone().requires_grad_() for x in (q, k, v, s0) if x is not None]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            o, S = linear_attention(*xs[:3], initial_state=xs[3] if with_s0 else None,
+                                    output_final_state=True, form="chunk", chunk_size=8)
+        loss = (o.to(dt) * w).sum() + (S * ws).sum()
+        return [o, S, *torch.autograd.grad(loss, xs)]
+
+    taken, written = [], linear_module._NoDecayChunk.apply
+    monkeypatch.setattr(linear_module._NoDecayChunk, "apply",
+                        lambda *a: taken.append(1) or written(*a))
+    fast = run()
+    assert taken, "the written-out path was not taken"
+    monkeypatch.setattr(linear_module, "_is_compiling", lambda: True)
+    # under bf16 both paths round the same products (half matmuls, float32 sums): only the
+    # order of additions differs
+    tol = 2e-2 if half else 1e-10
+    for x, y in zip(fast, run(), strict=True):
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+
+
 def test_factored_per_dim_backward_equals_the_exact_path(monkeypatch):
     """The all-mild per-dimension path (`_FactoredPerDim`, a written-out backward) against the
     exact segment-sum path with autograd (taken when compiling), values and gradients of q, k,

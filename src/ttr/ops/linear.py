@@ -27,6 +27,8 @@ Forms
              (_per_dim_terms; when every chunk is mild, _FactoredPerDim, with a written-out
              backward), for scalar decay when every chunk is mild (_chunk_scalar_factored).
              The chunk states pass by a scan on the CPU, by matmuls elsewhere (_pass_states).
+             Without decay, on the CPU, the whole form is one function with a written-out
+             backward (_NoDecayChunk).
 
 Numerics: every decay factor is evaluated as exp(a - b) with a <= b, i.e. exp of a non-positive
 number (masked entries become exp(-inf) = 0 before the exp, never after, so gradients stay finite).
@@ -440,12 +442,7 @@ class _StateScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, U, e, s0):
-        B, H, n, Dk, Dv = U.shape
-        S0 = torch.empty_like(U)
-        S = U.new_zeros(B, H, Dk, Dv) if s0 is None else s0
-        for c in range(n):
-            S0[:, :, c] = S
-            S = U[:, :, c] + S if e is None else torch.addcmul(U[:, :, c], e[:, :, c], S)
+        S0, S = _scan(U, e, s0)
         ctx.save_for_backward(e, S0)
         ctx.has_s0 = s0 is not None
         return S0, S
@@ -454,11 +451,7 @@ class _StateScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dS0, dS):
         e, S0 = ctx.saved_tensors
-        dU = torch.empty_like(S0)
-        lam = dS
-        for c in range(S0.shape[2] - 1, -1, -1):
-            dU[:, :, c] = lam
-            lam = dS0[:, :, c] + lam if e is None else torch.addcmul(dS0[:, :, c], e[:, :, c], lam)
+        dU, lam = _scan_back(dS0, dS, e)
         de = None
         if e is not None and ctx.needs_input_grad[1]:
             de = dU * S0  # [B, H, n, Dk, Dv], summed to e's shape
@@ -466,18 +459,91 @@ class _StateScan(torch.autograd.Function):
         return dU, de, (lam if ctx.has_s0 else None)
 
 
+def _scan(U, e, s0):
+    """The forward loop of `_StateScan` (no autograd): S0 [B, H, n, Dk, Dv] and the final state."""
+    B, H, n, Dk, Dv = U.shape
+    S0 = torch.empty_like(U)
+    S = U.new_zeros(B, H, Dk, Dv) if s0 is None else s0
+    for c in range(n):
+        S0[:, :, c] = S
+        S = U[:, :, c] + S if e is None else torch.addcmul(U[:, :, c], e[:, :, c], S)
+    return S0, S
+
+
+def _scan_back(dS0, dS, e):
+    """The backward loop of `_StateScan`: dU [B, H, n, Dk, Dv] and lambda_0 (the gradient of s0)."""
+    dU = torch.empty_like(dS0)
+    lam = dS
+    for c in range(dS0.shape[2] - 1, -1, -1):
+        dU[:, :, c] = lam
+        lam = dS0[:, :, c] + lam if e is None else torch.addcmul(dS0[:, :, c], e[:, :, c], lam)
+    return dU, lam
+
+
 def _chunk_no_decay(q, k, v, s0, T):
     """`chunk_linear_attention` without decay, q, k, v chunked [B, H, n, C, D]: the state
     entering chunk c is s0 + U_0 + ... + U_{c-1}, the chunk updates U_c = K_c^T V_c passed by
     `_pass_states` without decay."""
     B, H, n, C, Dv = v.shape
-    o = (q @ k.mT).tril_() @ v  # [B, H, n, C, Dv] intra-chunk (tril_ is safe: matmul's
-    # backward needs q and k, not its output)
     sd = compute_dtype(q) if s0 is None else s0.dtype  # float32 states for half matmuls
-    U = (k.mT @ v).to(sd)  # [B, H, n, Dk, Dv]
-    S0, S = _pass_states(U, None, s0)  # [B, H, n, Dk, Dv] entering states
-    o = o + q @ S0.to(q.dtype)
+    if q.device.type == "cpu" and not _is_compiling():
+        o, S = _NoDecayChunk.apply(q, k, v, s0, sd)
+    else:
+        o = (q @ k.mT).tril_() @ v  # [B, H, n, C, Dv] intra-chunk (tril_ is safe: matmul's
+        # backward needs q and k, not its output)
+        U = (k.mT @ v).to(sd)  # [B, H, n, Dk, Dv]
+        S0, S = _pass_states(U, None, s0)  # [B, H, n, Dk, Dv] entering states
+        o = o + q @ S0.to(q.dtype)
     return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
+
+
+class _NoDecayChunk(torch.autograd.Function):
+    """`_chunk_no_decay` on the CPU, eager, as one function with a written-out backward:
+    q, k [B, H, n, C, Dk], v [B, H, n, C, Dv] (contiguous), s0 None or [B, H, Dk, Dv] in the
+    state dtype sd -> (o [B, H, n, C, Dv], the final state [B, H, Dk, Dv]).
+
+        A = tril(Q K^T),  U = K^T V,  S0 = the exclusive scan of U from s0,  o = A V + Q S0.
+
+    With dO and dS the gradients of o and of the final state, and dU, ds0 from the scan's
+    backward of dS0 = Q^T dO (`_scan_back`):
+        dA = tril(dO V^T),  dQ = dA K + dO S0^T,  dK = dA^T Q + V dU^T,  dV = A^T dO + K dU.
+    Each gradient's second term is accumulated into its first by the matmul itself (baddbmm,
+    beta = 1), as is o's: autograd spent a separate pass on every sum, on the tril's gradient
+    and on the state scan's contiguous copies, next to 12 batched C x C x D matmuls that are the
+    same here. The states (sd, float32 for half matmuls) are cast to q's dtype for the matmuls
+    that read them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, s0, sd):
+        B, H, n, C, Dk = q.shape
+        Dv = v.shape[-1]
+        q3, k3, v3 = q.view(-1, C, Dk), k.view(-1, C, Dk), v.view(-1, C, Dv)
+        A = torch.bmm(q3, k3.mT).tril_()  # [B H n, C, C]
+        U = torch.bmm(k3.mT, v3).view(B, H, n, Dk, Dv).to(sd)
+        S0, S = _scan(U, None, s0)  # [B, H, n, Dk, Dv] entering states, the final state
+        S0q = S0.to(q.dtype).view(-1, Dk, Dv)
+        o = torch.bmm(A, v3).baddbmm_(q3, S0q)  # [B H n, C, Dv]
+        ctx.save_for_backward(q, k, v, A, S0q)
+        ctx.has_s0 = s0 is not None
+        return o.view(B, H, n, C, Dv), S
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dS):
+        q, k, v, A, S0q = ctx.saved_tensors
+        B, H, n, C, Dk = q.shape
+        Dv = v.shape[-1]
+        q3, k3, v3 = q.view(-1, C, Dk), k.view(-1, C, Dk), v.view(-1, C, Dv)
+        do3 = do.to(q.dtype).reshape(-1, C, Dv)
+        dA = torch.bmm(do3, v3.mT).tril_()  # [B H n, C, C]
+        dq = torch.bmm(dA, k3).baddbmm_(do3, S0q.mT)
+        dS0 = torch.bmm(q3.mT, do3).view(B, H, n, Dk, Dv).to(dS.dtype)
+        dU, ds0 = _scan_back(dS0, dS, None)
+        dU3 = dU.to(q.dtype).view(-1, Dk, Dv)
+        dk = torch.bmm(dA.mT, q3).baddbmm_(v3, dU3.mT)
+        dv = torch.bmm(A.mT, do3).baddbmm_(k3, dU3)
+        return (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape),
+                ds0 if ctx.has_s0 else None, None)
 
 
 def _lower_index(P: int, device: torch.device) -> torch.Tensor:
