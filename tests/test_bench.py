@@ -5,6 +5,7 @@ import csv
 import dataclasses
 
 import pytest
+import torch
 
 from ttr import bench, bench_cases
 from ttr.cli import main
@@ -38,7 +39,7 @@ def test_tiny_run_rows(tiny):
 def test_markdown_and_csv(tiny, tmp_path):
     text = bench.to_markdown(tiny)
     assert text.startswith("Command: `ttr bench --tiny`")
-    for needed in ("torch ", "CPU: ", "torch threads: 1", "matmul rate",
+    for needed in ("torch ", "CPU: ", "CPU capability", "torch threads: 1", "matmul rate",
                    "load average (1 min) at start", "ru_maxrss", "- peers: ",
                    "| op | form | T | dtype |", "| delta_rule | chunk | 32 |"):
         assert needed in text, needed
@@ -50,6 +51,18 @@ def test_markdown_and_csv(tiny, tmp_path):
     with open(tmp_path / "b.csv") as f:
         got = list(csv.DictReader(f))
     assert len(got) == 4 and set(got[0]) == {x.name for x in dataclasses.fields(bench.Row)}
+
+
+def test_matmul_rate_shrinks_its_size_to_the_time_budget(tiny):
+    """A matmul too slow for the budget (bf16 on a CPU without native bf16) is measured at a
+    smaller size, and the header says at which."""
+    rate, n = bench.matmul_gflops(1024, torch.float32, repeats=1, budget_s=0.0)
+    assert rate > 0 and n == 256
+    assert bench.matmul_gflops(256, torch.float32, repeats=1, budget_s=0.0)[1] == 256
+    assert tiny["header"]["matmul_sizes"] == {"fp32": 128}
+    shrunk = {**tiny, "header": {**tiny["header"], "matmul_sizes": {"fp32": 64}}}
+    assert "(at 64x64: slow on this CPU" in bench.to_markdown(shrunk)
+    assert "slow on this CPU" not in bench.to_markdown(tiny)
 
 
 def test_flop_table_covers_the_registry():

@@ -194,8 +194,20 @@ class Row:
     note: str = ""
 
 
-def matmul_gflops(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
-    """Median rate of n x n @ n x n in this process (after two warm-ups)."""
+def matmul_gflops(n: int, dtype: torch.dtype, repeats: int = 10,
+                  budget_s: float = 5.0) -> tuple[float, int]:
+    """Median rate of n x n @ n x n in this process (after two warm-ups), and the n measured.
+
+    n is halved (down to 256) while the repeats would take more than `budget_s` by a 256 x 256
+    probe: on a CPU without native bf16 (AVX2 only) a 2048^2 bf16 matmul takes ~20 s, and the
+    rate is the same at 512."""
+    probe = torch.randn(256, 256, dtype=dtype)
+    probe @ probe
+    t = time.perf_counter()
+    probe @ probe
+    per_256 = time.perf_counter() - t
+    while n > 256 and (repeats + 2) * per_256 * (n / 256) ** 3 > budget_s:
+        n //= 2
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     ts = []
     for _ in range(repeats + 2):
@@ -203,7 +215,7 @@ def matmul_gflops(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
         a @ b
         ts.append(time.perf_counter() - t)
     ts = ts[2:]  # the first calls pay for thread-pool start-up and page faults
-    return 2 * n**3 / statistics.median(ts) / 1e9
+    return 2 * n**3 / statistics.median(ts) / 1e9, n
 
 
 def _run_case(case: dict) -> dict:
@@ -227,8 +239,9 @@ def run(config: BenchConfig, command: str = "", progress: bool = True) -> dict:
     start = time.perf_counter()
     threads = config.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    rates = {dt: matmul_gflops(config.matmul_size, torch.float32 if dt == "fp32"
-                               else torch.bfloat16) for dt in config.dtypes}
+    measured = {dt: matmul_gflops(config.matmul_size, torch.float32 if dt == "fp32"
+                                  else torch.bfloat16) for dt in config.dtypes}
+    rates = {dt: rate for dt, (rate, _) in measured.items()}
     rows = []
     for op, form, T, dt, compiled in tqdm(config.cases(), desc="ttr bench", disable=not progress):
         repeats = config.repeats
@@ -265,6 +278,8 @@ def run(config: BenchConfig, command: str = "", progress: bool = True) -> dict:
     header = dict(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"),
                   torch=torch.__version__, python=platform.python_version(), cpu=_cpu_model(),
                   cores=os.cpu_count(), threads=threads, matmul_size=config.matmul_size,
+                  matmul_sizes={dt: n for dt, (_, n) in measured.items()},
+                  cpu_capability=torch.backends.cpu.get_cpu_capability(),
                   matmul_gflops=rates, load_at_start=load, batch=1, heads=config.heads,
                   d=config.d, repeats=config.repeats, fla=_fla_status(config.peers),
                   allocator=allocator_description(), load_at_end=os.getloadavg()[0],
@@ -318,12 +333,18 @@ def _f(x, fmt: str = ".3g") -> str:
 def to_markdown(result: dict) -> str:
     """The header block and one table, rows in run order (op, T, form)."""
     h, rows = result["header"], result["rows"]
-    rates = ", ".join(f"{dt} {r:.1f} GFLOP/s" for dt, r in h["matmul_gflops"].items())
+    sizes = h.get("matmul_sizes", {})
+    rates = ", ".join(f"{dt} {r:.1f} GFLOP/s" + (f" (at {sizes[dt]}x{sizes[dt]}: slow on this "
+                                                  "CPU, shrunk to bound the measurement)"
+                                                  if sizes.get(dt, h["matmul_size"])
+                                                  != h["matmul_size"] else "")
+                      for dt, r in h["matmul_gflops"].items())
     lines = [
         f"Command: `{h['command'] or 'ttr.bench.run(...)'}`",
         "",
         f"- date {h['date']}; torch {h['torch']}; Python {h['python']}",
-        f"- CPU: {h['cpu']} ({h['cores']} logical cores); torch threads: {h['threads']}",
+        f"- CPU: {h['cpu']} ({h['cores']} logical cores, torch's CPU capability "
+        f"{h.get('cpu_capability', 'not recorded')}); torch threads: {h['threads']}",
         f"- allocator (each case's process inherits it): {h.get('allocator', 'not recorded')} "
         "(ttr.runtime.tune_allocator; TTR_TUNE_MALLOC=0 for glibc's defaults)",
         f"- matmul rate, {h['matmul_size']}x{h['matmul_size']} (median of 10): {rates}",
