@@ -568,15 +568,20 @@ def test_no_decay_chunk_backward_equals_autograd(monkeypatch, half, with_s0):
         loss = (o.to(dt) * w).sum() + (S * ws).sum()
         return [o, S, *torch.autograd.grad(loss, xs)]
 
-    taken, written = [], linear_module._NoDecayChunk.apply
-    monkeypatch.setattr(linear_module._NoDecayChunk, "apply",
-                        lambda *a: taken.append(1) or written(*a))
-    fast = run()
-    assert taken, "the written-out path was not taken"
-    monkeypatch.setattr(linear_module, "_is_compiling", lambda: True)
     # under bf16 both paths round the same products (half matmuls, float32 sums): only the
     # order of additions differs
-    tol = 2e-2 if half else 1e-10
+    _written_out_equals_autograd(monkeypatch, linear_module._NoDecayChunk, run,
+                                 tol=2e-2 if half else 1e-10)
+
+
+def _written_out_equals_autograd(monkeypatch, function, run, tol):
+    """run() (outputs and gradients) through `function`, an autograd Function with a written-out
+    backward, which must be taken, equals run() on the autograd path taken when compiling."""
+    taken, apply = [], function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: taken.append(1) or apply(*a))
+    fast = run()
+    assert taken, f"{function.__name__} was not taken"
+    monkeypatch.setattr(linear_module, "_is_compiling", lambda: True)
     for x, y in zip(fast, run(), strict=True):
         assert x.dtype == y.dtype
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
@@ -601,11 +606,4 @@ def test_factored_per_dim_backward_equals_the_exact_path(monkeypatch):
         loss = (o * w).sum() + (S * ws).sum()
         return [o, S, *torch.autograd.grad(loss, xs)]
 
-    taken, factored = [], linear_module._FactoredPerDim.apply
-    monkeypatch.setattr(linear_module._FactoredPerDim, "apply",
-                        lambda *a: taken.append(1) or factored(*a))
-    fast = run()
-    assert taken, "the factored path was not taken"
-    monkeypatch.setattr(linear_module, "_is_compiling", lambda: True)
-    for x, y in zip(fast, run(), strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)
+    _written_out_equals_autograd(monkeypatch, linear_module._FactoredPerDim, run, tol=1e-10)
