@@ -34,19 +34,24 @@ import torch.nn.functional as F
 
 from ttr.ops.common import check_like, check_log_decay, check_qkv, check_state
 from ttr.ops.decay import decay_exp, decay_matrix, must_flush
+from ttr.ops.inverse_cholesky import inverse_lower
 from ttr.ops.linear import check_chunk_size, compute_dtype, contiguous_as, half_matmul_dtype
 
 # Step 3, measured on the dev machine (2-core Xeon, torch 2.13 CPU, 1 thread, fp32; a batch of
 # 512 unit-lower-triangular 64 x 64 systems = B*H=16, T=2048, C=64 with Dk = Dv = 64; median
 # ms of repeated runs, fwd / fwd+bwd, through plain autograd):
-#   solve_triangular(I + A, I), then two matmuls     15 /  64-69   <- used
+#   solve_triangular(I + A, I), then two matmuls     15 /  64-69   <- used until session 11
 #   solve_triangular(I + A, [V, K]) directly       16-32 /  92-100
 #   recursive 2 x 2 block inverse, log2 C levels      28 / 166-170
 #   Neumann doubling prod_k (I + (-A)^{2^k})      94-114 / 328-348
 #   forward substitution, a row of the inverse   93-112 / 402-683  (C Python steps)
 #   forward substitution, a row of [U, W]       248-294 / 979-1325
 # (2 threads on the shared box only added contention noise.) LAPACK's batched trsm is also
-# backward-stable. The doubling trick is not: for nearly collinear keys with beta = 1 the
+# backward-stable. Since session 11 the inverse is `inverse_lower`: the same 2 x 2 blocks with
+# LAPACK's solve at the 16 x 16 leaves (so as stable as a blocked trsm) and a written-out backward,
+# two matmuls; autograd through the recursion was what made the block inverse above slow. On an
+# AVX2 EPYC, 512 systems, 2 threads: forward 11.0 -> 11.8 ms, forward + backward 49.6 -> 26.8 ms.
+# The doubling trick is not stable: for nearly collinear keys with beta = 1 the
 # inverse has entries <= 1 but the Neumann terms A^n reach 1e17, and the fp32 result was off
 # by a relative 7e9 (solve_triangular: 5e-10) -- it is fast only where it is also unsafe.
 
@@ -141,9 +146,7 @@ def _chunk(q, k, v, beta, g, initial_state, output_final_state, chunk_size, half
     A = torch.tril(bc.unsqueeze(-1) * kkt * gamma, diagonal=-1)
 
     # 3. Tc = (I + A)^{-1} diag(beta); W, U by matmuls (timings of the alternatives above)
-    Linv = torch.linalg.solve_triangular(
-        eye + A, eye.expand_as(A), upper=False, unitriangular=True
-    )  # [B, H, N, C, C]
+    Linv = inverse_lower(eye + A)  # [B, H, N, C, C]
     Tc = (Linv * bc.unsqueeze(-2)).to(md)  # scales column i by beta_i
     # W and U are read against the state in the pass below: in cd, where u = U - W S cancels
     W = (Tc @ kd).to(cd)  # [B, H, N, C, Dk]

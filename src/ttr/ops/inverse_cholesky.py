@@ -1,5 +1,5 @@
-"""Inverse Cholesky factors of many small SPD matrices by 2 x 2 blocks: matmuls in place of
-slow batched LAPACK calls.
+"""Inverse Cholesky factors of many small SPD matrices, and inverses of lower-triangular ones,
+by 2 x 2 blocks: matmuls in place of slow batched LAPACK calls.
 
 For S symmetric positive definite [..., n, n] with S = L L^T (L lower triangular, positive
 diagonal), `inverse_cholesky(S)` returns W = L^{-1}, lower triangular; S^{-1} = W^T W.
@@ -83,3 +83,44 @@ class _InverseCholesky(torch.autograd.Function):
         X.diagonal(dim1=-2, dim2=-1).mul_(0.5)  # -Phi(L^T Lbar)
         Sbar = W.mT @ X @ W  # -(W^T Phi(L^T Lbar) W)
         return (Sbar + Sbar.mT).mul_(-0.5)  # symmetrized, the sign restored
+
+
+def inverse_lower(T: torch.Tensor) -> torch.Tensor:
+    """T^{-1} for T [..., n, n] lower triangular with a nonzero diagonal (only its lower
+    triangle is read), lower triangular itself. By the same 2 x 2 blocks: W11 = T11^{-1} and
+    W22 = T22^{-1} (independent, so one call on both when the halves are equal),
+    W21 = -W22 T21 W11; LAPACK `solve_triangular` only at n <= BASE. Backward, from dW = -W dT W:
+    Tbar = lower triangle of -W^T G W^T (two matmuls).
+
+    Used by the delta rule's chunk form for (I + A)^{-1} (512 matrices of 64 x 64 there)."""
+    if _is_compiling():
+        return _forward_lower(T)
+    return _InverseLower.apply(T)
+
+
+def _forward_lower(T: torch.Tensor) -> torch.Tensor:
+    n = T.shape[-1]
+    if n <= BASE:
+        eye = torch.eye(n, dtype=T.dtype, device=T.device)
+        return torch.linalg.solve_triangular(T, eye.expand_as(T), upper=False)
+    h = n // 2
+    if 2 * h == n:  # both diagonal blocks in one call
+        W11, W22 = _forward_lower(torch.stack([T[..., :h, :h], T[..., h:, h:]])).unbind(0)
+    else:
+        W11, W22 = _forward_lower(T[..., :h, :h]), _forward_lower(T[..., h:, h:])
+    W21 = -(W22 @ T[..., h:, :h]) @ W11
+    return torch.cat([F.pad(W11, (0, n - h)), torch.cat([W21, W22], -1)], -2)
+
+
+class _InverseLower(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, T):
+        W = _forward_lower(T)
+        ctx.save_for_backward(W)
+        return W
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, G):
+        (W,) = ctx.saved_tensors
+        return (W.mT @ G.tril() @ W.mT).tril_().neg_()
