@@ -16,6 +16,14 @@ def spd(n: int, batch=(3,), seed=0) -> torch.Tensor:
     return X @ X.mT / n + 0.1 * torch.eye(n, dtype=torch.float64)
 
 
+def value_and_grad(f, X, G):
+    """f(X) and the gradient of sum(f(X) * G) with respect to X."""
+    X = X.clone().requires_grad_()
+    W = f(X)
+    (W * G).sum().backward()
+    return W, X.grad
+
+
 @pytest.mark.parametrize("n", [1, 5, BASE, BASE + 1, 37, 64])
 def test_equals_lapack_with_gradients(n):
     S = spd(n, batch=(2, 3))
@@ -26,13 +34,7 @@ def test_equals_lapack_with_gradients(n):
         return torch.linalg.solve_triangular(torch.linalg.cholesky(S), eye.expand_as(S),
                                              upper=False)
 
-    out = []
-    for f in (inverse_cholesky, lapack):
-        Sr = S.clone().requires_grad_()
-        W = f(Sr)
-        (W * G).sum().backward()
-        out.append((W, Sr.grad))
-    (W, dS), (W0, dS0) = out
+    (W, dS), (W0, dS0) = (value_and_grad(f, S, G) for f in (inverse_cholesky, lapack))
     torch.testing.assert_close(W, W0, rtol=1e-10, atol=1e-10)
     assert torch.equal(W, W.tril())
     torch.testing.assert_close(dS, dS0, rtol=1e-9, atol=1e-9)
@@ -59,14 +61,10 @@ def test_inverse_lower_equals_lapack_with_gradients(n):
     T = 0.3 * torch.randn(2, 3, n, n, dtype=torch.float64, generator=gen).tril(-1) + eye
     T = T + 0.5 * torch.diag_embed(torch.rand(2, 3, n, dtype=torch.float64, generator=gen))
     G = torch.randn(T.shape, dtype=torch.float64, generator=gen)
-    out = []
-    for f in (inverse_lower,
-              lambda T: torch.linalg.solve_triangular(T, eye.expand_as(T), upper=False)):
-        Tr = T.clone().requires_grad_()
-        W = f(Tr)
-        (W * G).sum().backward()
-        out.append((W, Tr.grad))
-    (W, dT), (W0, dT0) = out
+    (W, dT), (W0, dT0) = (
+        value_and_grad(f, T, G) for f in (
+            inverse_lower,
+            lambda T: torch.linalg.solve_triangular(T, eye.expand_as(T), upper=False)))
     torch.testing.assert_close(W, W0, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(dT, dT0, rtol=1e-9, atol=1e-9)
     assert torch.equal(dT, dT.tril())

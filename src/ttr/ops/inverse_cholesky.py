@@ -48,7 +48,7 @@ def inverse_cholesky(S: torch.Tensor) -> torch.Tensor:
     the recursion itself)."""
     if _is_compiling():
         return _forward(S, check=False)
-    return _InverseCholesky.apply(S)
+    return _BlockInverse.apply(S, True)
 
 
 def _forward(S: torch.Tensor, check: bool = True) -> torch.Tensor:
@@ -60,31 +60,22 @@ def _forward(S: torch.Tensor, check: bool = True) -> torch.Tensor:
                 f"inverse_cholesky: a matrix is not positive definite to {S.dtype} precision "
                 "(a Schur complement of the blocks lost its positive pivots); expected SPD "
                 "input, e.g. a larger ridge")
-        eye = torch.eye(n, dtype=S.dtype, device=S.device)
-        return torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+        return torch.linalg.solve_triangular(L, _leaf_eye(L), upper=False)
     h = n // 2
     W11 = _forward(S[..., :h, :h], check)  # [.., h, h]
     L21 = S[..., h:, :h] @ W11.mT  # [.., n - h, h]
     W22 = _forward(S[..., h:, h:] - L21 @ L21.mT, check)  # [.., n - h, n - h]
-    W21 = -(W22 @ L21) @ W11
-    return torch.cat([F.pad(W11, (0, n - h)), torch.cat([W21, W22], -1)], -2)
+    return _assemble(W11, -(W22 @ L21) @ W11, W22)
 
 
-class _InverseCholesky(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, S):
-        W = _forward(S)
-        ctx.save_for_backward(W)
-        return W
+def _assemble(W11, W21, W22):
+    """The lower-triangular [[W11, 0], [W21, W22]]."""
+    return torch.cat([F.pad(W11, (0, W22.shape[-1])), torch.cat([W21, W22], -1)], -2)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, G):
-        (W,) = ctx.saved_tensors
-        X = (G.tril() @ W.mT).tril_()  # -L^T Lbar, lower triangle
-        X.diagonal(dim1=-2, dim2=-1).mul_(0.5)  # -Phi(L^T Lbar)
-        Sbar = W.mT @ X @ W  # -(W^T Phi(L^T Lbar) W)
-        return (Sbar + Sbar.mT).mul_(-0.5)  # symmetrized, the sign restored
+
+def _leaf_eye(X: torch.Tensor) -> torch.Tensor:
+    """The identity right-hand sides of a leaf's LAPACK solve, shaped like X."""
+    return torch.eye(X.shape[-1], dtype=X.dtype, device=X.device).expand_as(X)
 
 
 def inverse_lower(T: torch.Tensor) -> torch.Tensor:
@@ -97,32 +88,39 @@ def inverse_lower(T: torch.Tensor) -> torch.Tensor:
     Used by the delta rule's chunk form for (I + A)^{-1} (512 matrices of 64 x 64 there)."""
     if _is_compiling():
         return _forward_lower(T)
-    return _InverseLower.apply(T)
+    return _BlockInverse.apply(T, False)
 
 
 def _forward_lower(T: torch.Tensor) -> torch.Tensor:
     n = T.shape[-1]
     if n <= BASE:
-        eye = torch.eye(n, dtype=T.dtype, device=T.device)
-        return torch.linalg.solve_triangular(T, eye.expand_as(T), upper=False)
+        return torch.linalg.solve_triangular(T, _leaf_eye(T), upper=False)
     h = n // 2
     if 2 * h == n:  # both diagonal blocks in one call
         W11, W22 = _forward_lower(torch.stack([T[..., :h, :h], T[..., h:, h:]])).unbind(0)
     else:
         W11, W22 = _forward_lower(T[..., :h, :h]), _forward_lower(T[..., h:, h:])
-    W21 = -(W22 @ T[..., h:, :h]) @ W11
-    return torch.cat([F.pad(W11, (0, n - h)), torch.cat([W21, W22], -1)], -2)
+    return _assemble(W11, -(W22 @ T[..., h:, :h]) @ W11, W22)
 
 
-class _InverseLower(torch.autograd.Function):
+class _BlockInverse(torch.autograd.Function):
+    """W from `_forward` (cholesky=True: W = L^{-1}, S = L L^T) or `_forward_lower` (W = T^{-1}),
+    with the backward of each written out (the module docstring and `inverse_lower`)."""
+
     @staticmethod
-    def forward(ctx, T):
-        W = _forward_lower(T)
+    def forward(ctx, X, cholesky: bool):
+        W = _forward(X) if cholesky else _forward_lower(X)
         ctx.save_for_backward(W)
+        ctx.cholesky = cholesky
         return W
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, G):
         (W,) = ctx.saved_tensors
-        return (W.mT @ G.tril() @ W.mT).tril_().neg_()
+        if not ctx.cholesky:
+            return (W.mT @ G.tril() @ W.mT).tril_().neg_(), None  # -tril(W^T G W^T)
+        X = (G.tril() @ W.mT).tril_()  # -L^T Lbar, lower triangle
+        X.diagonal(dim1=-2, dim2=-1).mul_(0.5)  # -Phi(L^T Lbar)
+        Sbar = W.mT @ X @ W  # -(W^T Phi(L^T Lbar) W)
+        return (Sbar + Sbar.mT).mul_(-0.5), None  # symmetrized, the sign restored

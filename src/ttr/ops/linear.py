@@ -496,7 +496,7 @@ def _scan_back(dS0, dS, e):
 def _chunk_no_decay(q, k, v, s0, T):
     """`chunk_linear_attention` without decay, q, k, v chunked [B, H, n, C, D]: the state
     entering chunk c is s0 + U_0 + ... + U_{c-1}, the chunk updates U_c = K_c^T V_c passed by
-    `_pass_states` without decay."""
+    `_pass_states` without decay (on the CPU, eager, all of it in `_NoDecayChunk`)."""
     B, H, n, C, Dv = v.shape
     sd = compute_dtype(q) if s0 is None else s0.dtype  # float32 states for half matmuls
     if q.device.type == "cpu" and not _is_compiling():
