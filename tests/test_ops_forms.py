@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import ttr.ops.common as common
 import ttr.ops.linear as linear_module
+import ttr.ops.rls_chunk as rls_chunk_module
 from ttr.ops import (
     delta_rule,
     delta_rule_step,
@@ -574,14 +575,15 @@ def test_no_decay_chunk_backward_equals_autograd(monkeypatch, half, with_s0):
                                  tol=2e-2 if half else 1e-10)
 
 
-def _written_out_equals_autograd(monkeypatch, function, run, tol):
+def _written_out_equals_autograd(monkeypatch, function, run, tol, module=linear_module):
     """run() (outputs and gradients) through `function`, an autograd Function with a written-out
-    backward, which must be taken, equals run() on the autograd path taken when compiling."""
+    backward, which must be taken, equals run() on the autograd path `module` takes when
+    compiling."""
     taken, apply = [], function.apply
     monkeypatch.setattr(function, "apply", lambda *a: taken.append(1) or apply(*a))
     fast = run()
     assert taken, f"{function.__name__} was not taken"
-    monkeypatch.setattr(linear_module, "_is_compiling", lambda: True)
+    monkeypatch.setattr(module, "_is_compiling", lambda: True)
     for x, y in zip(fast, run(), strict=True):
         assert x.dtype == y.dtype
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
@@ -607,3 +609,32 @@ def test_factored_per_dim_backward_equals_the_exact_path(monkeypatch):
         return [o, S, *torch.autograd.grad(loss, xs)]
 
     _written_out_equals_autograd(monkeypatch, linear_module._FactoredPerDim, run, tol=1e-10)
+
+
+@pytest.mark.parametrize("with_s0", [False, True])
+def test_chunk_rls_backward_equals_autograd_through_its_steps(monkeypatch, with_s0):
+    """The exact chunk RLS (`_ChunkRLS`: the gradient of the exact map, written out) against
+    autograd through every step of the algorithm (taken when compiling), float64: values and
+    gradients of q, k, v, beta, a per-dimension ridge and both initial states, with a loss on
+    the final states too, over a length that leaves the last chunk short."""
+    gen = torch.Generator().manual_seed(6)
+    B, T, H, Dk, Dv = 2, 37, 2, 5, 3
+    q, k, v = (torch.randn(B, T, H, d, dtype=torch.float64, generator=gen) for d in (Dk, Dk, Dv))
+    beta = torch.rand(B, T, H, dtype=torch.float64, generator=gen) + 0.1
+    ridge = torch.rand(Dk, dtype=torch.float64, generator=gen) + 0.2
+    a = torch.randn(B, H, Dk, Dk, dtype=torch.float64, generator=gen)
+    s0 = (a @ a.mT, torch.randn(B, H, Dk, Dv, dtype=torch.float64, generator=gen))
+    w = torch.randn(B, T, H, Dv, dtype=torch.float64, generator=gen)
+    wkk, wkv = (torch.randn_like(s) for s in s0)
+
+    def run():
+        xs = [x.clone().requires_grad_() for x in (q, k, v, beta, ridge, *s0)]
+        o, (Skk, Skv) = rls(*xs[:3], beta=xs[3], ridge=xs[4], form="chunk", chunk_size=8,
+                            initial_state=tuple(xs[5:]) if with_s0 else None,
+                            output_final_state=True)
+        loss = (o * w).sum() + (Skk * wkk).sum() + (Skv * wkv).sum()
+        grads = torch.autograd.grad(loss, xs if with_s0 else xs[:5])
+        return [o, Skk, Skv, *grads]
+
+    _written_out_equals_autograd(monkeypatch, rls_chunk_module._ChunkRLS, run, tol=1e-10,
+                                 module=rls_chunk_module)

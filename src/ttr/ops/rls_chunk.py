@@ -23,8 +23,9 @@ derivation (docs/rls_chunk.md):
    chunk's S = I + K K~^T. If S = L L^T (Cholesky), the leading block of L is the Cholesky
    factor of the leading block of S, and W = L^{-1} is lower triangular with the same nesting.
    So every prefix inverse is (W_{<=t})^T W_{<=t}: one factorization serves all C prefixes.
-4. Apply to the queries. With R = K Q~^T ([C, C], R_jt = k_j^T A^{-1} q_t) and Z = W R,
-       p_t := (H_kk,t + lambda I)^{-1} q_t = q~_t - sum_{i<=t} Z_it u_i,   U = W K~,
+4. Apply to the queries. With R = K Q~^T ([C, C], R_jt = k_j^T A^{-1} q_t), U = W K~ and
+   Z = W R = W K~ Q^T = U Q^T (A symmetric),
+       p_t := (H_kk,t + lambda I)^{-1} q_t = q~_t - sum_{i<=t} Z_it u_i,
    i.e. P = Q~ - (Z masked to i <= t)^T U. Row i of W only touches columns <= i <= t, so the
    mask is all the causality needed.
    One step of iterative refinement (p += solve(q - A_t p)) repairs the float32 digits the
@@ -33,12 +34,14 @@ derivation (docs/rls_chunk.md):
    causal product plus the chunk-start state, as in chunkwise linear attention.
 
 Cost per chunk: one Dk^3 inverse, one C^3 Cholesky and triangular inverse, and O(C^2 Dk + C Dk^2)
-matmuls, all batched over chunks; measured 14.9x (forward) and 12.4x (forward+backward) faster
-than the per-token batched solve at T=2048, Dk=64, B*H=16 with glibc's default allocator, and
-10.2x / 8.8x (91 / 224 ms against 926 / 1976 ms) once `ttr.tune_allocator` also sped up the
-batched solve's large tensors (docs/benchmarks.md, session 7). Decayed weights
+matmuls, all batched over chunks. The backward is the gradient of the exact map, written out
+(`_ChunkRLS`): one more prefix solve with the same factors and a few causal products, no
+backward through either factorization. Measured at T=2048, Dk=64, B*H=16 (docs/benchmarks.md):
+10.2x / 8.8x (forward / forward+backward) faster than the per-token batched solve on the Xeon of
+session 7 with autograd's backward; on an AVX2 EPYC (session 12, one process, 2 threads) the
+written-out backward took forward+backward from 280 to 156 ms (forward 88 ms). Decayed weights
 (g != 0) break step 3 (the ridge is not decayed, so the base matrix changes with t) and are left
-to the parallel and recurrent forms.
+to the parallel form and to conjugate gradient (ttr/ops/rls_cg.py).
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ttr.ops.common import _is_compiling
 from ttr.ops.inverse_cholesky import inverse_cholesky
-from ttr.ops.linear import _pass_states
+from ttr.ops.linear import _pass_states, _scan_back
 
 
 def chunk_rls(
@@ -78,63 +82,134 @@ def chunk_rls(
         # Zero keys/values/queries are exact no-ops for the Grams; padded outputs are trimmed.
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
 
-    def chunks(x):  # [B, N*C, H, D] -> [B, H, N, C, D], contiguous
+    def chunks(x):  # [B, N*C, H, D] -> [B H N, C, D], contiguous
         # one transposing copy here: as a permuted view, every matmul below that reads it
         # copied it again (~1.4 ms per copy, 7 per call)
-        return x.reshape(B, N, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4).contiguous()
+        return x.reshape(B, N, C, H, x.shape[-1]).permute(0, 3, 1, 2, 4).reshape(-1, C, x.shape[-1])
 
     qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    kT = kc.transpose(-1, -2)  # [B, H, N, Dk, C]
-
-    # 1. chunk-start states by exclusive cumulative sums over chunks
-    gram_kk = kT @ kc  # [B, H, N, Dk, Dk]
-    gram_kv = kT @ vc  # [B, H, N, Dk, Dv]
     hkk0 = hkv0 = None
     if initial_state is not None:
         # symmetrized, so that the gradient w.r.t. H_kk,0 is the one of the symmetric matrix
         # every other form also sees
         hkk0, hkv0 = 0.5 * (initial_state[0] + initial_state[0].mT), initial_state[1]
-    # exclusive sums over chunks (`_pass_states` without decay; torch.cumsum along the chunk
-    # axis ran ~4 ms per call here), which also hand back the final states
-    hkk, final_kk = _pass_states(gram_kk, None, hkk0)  # [B, H, N, Dk, Dk], [B, H, Dk, Dk]
-    hkv, final_kv = _pass_states(gram_kv, None, hkv0)
+    if _is_compiling():
+        # autograd through the steps themselves: the written-out backward's data-dependent
+        # pieces (the PD check in inverse_cholesky) do not trace
+        o, final_kk, final_kv = _forward(qc, kc, vc, ridge, hkk0, hkv0, (B, H, N), refine)[:3]
+    else:
+        o, final_kk, final_kv = _ChunkRLS.apply(qc, kc, vc, ridge, hkk0, hkv0, (B, H, N), refine)
+    o = o.view(B, H, N, C, Dv).permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]
+    final = (final_kk, final_kv) if output_final_state else None  # [B, H, Dk, Dk | Dv]
+    return o, final
+
+
+def _forward(qc, kc, vc, ridge, hkk0, hkv0, bhn, refine):
+    """Steps 1-5 on chunked inputs qc, kc [B H N, C, Dk], vc [B H N, C, Dv]. Returns o
+    [B H N, C, Dv], the final states [B, H, Dk, Dk | Dv], and what the backward reads."""
+    B, H, N = bhn
+    C, Dk, Dv = kc.shape[1], kc.shape[2], vc.shape[2]
+    kT = kc.mT  # [B H N, Dk, C]
+
+    # 1. chunk-start states: exclusive sums of the chunk Grams over chunks (`_pass_states`
+    # without decay; torch.cumsum along the chunk axis ran ~4 ms per call here), which also
+    # hand back the final states
+    hkk, final_kk = _pass_states((kT @ kc).view(B, H, N, Dk, Dk), None, hkk0)
+    hkv, final_kv = _pass_states((kT @ vc).view(B, H, N, Dk, Dv), None, hkv0)
+    hkv = hkv.view(-1, Dk, Dv)
 
     # 2. base inverse A^{-1} = W_A^T W_A, A = H_kk,start + lambda I (SPD: lambda > 0), W_A its
     # inverse Cholesky factor by blocks (ttr.ops.inverse_cholesky): batched matmuls, where
     # batched LAPACK calls were slow on some CPUs (LU `inv`: 19 ms forward + backward for 512
     # matrices of 64 x 64 on the Xeon of sessions 1-7, 66 ms on an AVX2 EPYC, against 34 ms)
-    A = hkk + torch.diag_embed(ridge.to(hkk.dtype))  # [B, H, N, Dk, Dk]
+    A = hkk.view(-1, Dk, Dk) + torch.diag_embed(ridge.to(hkk.dtype))  # [B H N, Dk, Dk]
     W_A = inverse_cholesky(A)
     A_inv = W_A.mT @ W_A
-    k_t = kc @ A_inv  # [B, H, N, C, Dk]   (A symmetric: A^-1 = A^-T to rounding)
+    k_t = kc @ A_inv  # [B H N, C, Dk]   (A symmetric: A^-1 = A^-T to rounding)
 
     # 3. one Cholesky of the chunk capacitance matrix S = I + K A^{-1} K^T serves every prefix
-    S = k_t @ kT  # [B, H, N, C, C]
+    S = k_t @ kT  # [B H N, C, C]
     S.diagonal(dim1=-2, dim2=-1).add_(1)
-    W = inverse_cholesky(S)  # L^{-1}, lower
-    U = W @ k_t  # [B, H, N, C, Dk]
+    U = inverse_cholesky(S) @ k_t  # W K~, [B H N, C, Dk]
 
-    def solve(R):
-        """4. rows p_t = (H_kk,t + lambda I)^{-1} r_t for every position t of every chunk."""
-        R_t = R @ A_inv  # [B, H, N, C, Dk]
-        # the causal masks below zero matmul outputs in place (triu_ / tril_ on [i, t] / [t, i]:
-        # i <= t), which no backward needs
-        Z = (W @ (kc @ R_t.transpose(-1, -2))).triu_()  # [.., C(i), C(t)]
-        return R_t - Z.transpose(-1, -2) @ U
-
-    P = solve(qc)  # [B, H, N, C, Dk]
-    for _ in range(refine):
-        # Iterative refinement: the Woodbury subtraction loses digits in float32 when the
-        # prefix systems are ill-conditioned; one correction from the residual
-        # q_t - (A + K_{<=t}^T K_{<=t}) p_t recovers them (measured: 5-10x smaller error
-        # than without, and below the batched-solve parallel form, at lambda = 0.1..0.01).
-        Ap = P @ A + (P @ kT).tril_() @ kc  # [B, H, N, C, Dk]
-        P = P + solve(qc - Ap)
+    # 4. P: rows p_t = (H_kk,t + lambda I)^{-1} q_t
+    P = _solve_prefixes(qc, kc, A, A_inv, U, refine)
 
     # 5. o_t = H_kv,start^T p_t + sum_{i<=t} v_i k_i^T p_t
-    scores = (P @ kT).tril_()  # [B, H, N, C(t), C(i)]: i <= t
-    o = P @ hkv + scores @ vc  # [B, H, N, C, Dv]
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]
+    scores = (P @ kT).tril_()  # [B H N, C(t), C(i)]: i <= t
+    o = torch.bmm(scores, vc).baddbmm_(P, hkv)  # [B H N, C, Dv]
+    return o, final_kk, final_kv, (hkv, A, A_inv, U, P, scores)
 
-    final = (final_kk, final_kv) if output_final_state else None  # [B, H, Dk, Dk | Dv]
-    return o, final
+
+def _solve_prefixes(R, kc, A, A_inv, U, refine):
+    """Rows x_t = (H_kk,t + lambda I)^{-1} r_t for every position t of every chunk, R [B H N,
+    C, Dk] (step 4), then `refine` steps of iterative refinement: the Woodbury subtraction
+    loses digits in float32 when the prefix systems are ill-conditioned; one correction from
+    the residual r_t - (A + K_{<=t}^T K_{<=t}) x_t recovers them (measured: 5-10x smaller error
+    than without, and below the batched-solve parallel form, at lambda = 0.1..0.01)."""
+
+    def once(R):
+        # the causal mask zeroes a matmul output in place (triu_ on [i, t]: i <= t), which no
+        # backward reads
+        Z = (U @ R.mT).triu_()  # [B H N, C(i), C(t)]
+        return torch.bmm(R, A_inv).baddbmm_(Z.mT, U, alpha=-1)
+
+    X = once(R)
+    for _ in range(refine):
+        res = torch.baddbmm(R, X, A, alpha=-1)  # R - X A - tril(X K^T) K
+        res = res.baddbmm_((X @ kc.mT).tril_(), kc, alpha=-1)
+        X = X + once(res)
+    return X
+
+
+class _ChunkRLS(torch.autograd.Function):
+    """`_forward` as one function with the gradient of the exact map written out (not the
+    gradient of the algorithm: no backward through either factorization or the refinement).
+
+    With A_t = H_kk,t + lambda I, p_t = A_t^{-1} q_t and o_t = H_kv,t^T p_t, the gradient dO
+    gives, per position (A_t symmetric),
+        dp_t = H_kv,t do_t = H_kv,start do_t + sum_{i<=t} k_i (v_i . do_t),
+        r_t = A_t^{-1} dp_t   (the same prefix solve as the forward's, with its refinement),
+        dq_t = r_t,   dA_t = -r_t p_t^T,   dH_kv,t = p_t do_t^T.
+    Every A_t and H_kv,t inside chunk c is its chunk-start state plus the chunk's own pairs
+    i <= t, so with M1 = tril(dO V^T), M3 = tril(R K^T) and scores = tril(P K^T) ([t, i]):
+        dV = scores^T dO + K dG_kv,     dK = (M1 - M3)^T P - scores^T R + V dG_kv^T
+                                              + K (dG_kk + dG_kk^T),
+    where dG_kk, dG_kv, the gradients of the chunk Grams K^T K, K^T V, are the reverse
+    exclusive sums over chunks (`_scan_back`) of the chunk-start gradients -R^T P and P^T dO
+    (plus the final states' gradients); those sums' totals are the initial states' gradients,
+    and d ridge = -sum_t r_t * p_t. Through autograd the backward ran ~60 batched matmuls and
+    both blocked factorizations' backwards; here it is 21 matmuls."""
+
+    @staticmethod
+    def forward(ctx, qc, kc, vc, ridge, hkk0, hkv0, bhn, refine):
+        o, final_kk, final_kv, saved = _forward(qc, kc, vc, ridge, hkk0, hkv0, bhn, refine)
+        ctx.save_for_backward(kc, vc, *saved)
+        ctx.bhn, ctx.refine = bhn, refine
+        return o, final_kk, final_kv
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, d_final_kk, d_final_kv):
+        kc, vc, hkv, A, A_inv, U, P, scores = ctx.saved_tensors
+        B, H, N = ctx.bhn
+        Dk, Dv = kc.shape[2], vc.shape[2]
+        do = do.contiguous()  # the gradient of a permute: strided batches make bmm loop
+        M1 = torch.bmm(do, vc.mT).tril_()  # [B H N, C(t), C(i)]: do_t . v_i
+        dp = torch.bmm(M1, kc).baddbmm_(do, hkv.mT)  # H_kv,t do_t
+        R = _solve_prefixes(dp, kc, A, A_inv, U, ctx.refine)  # [B H N, C, Dk] = dq
+        # chunk-start gradients, then their reverse exclusive sums over chunks
+        dA = torch.bmm(R.mT, P).neg_().view(B, H, N, Dk, Dk)
+        dHkv = torch.bmm(P.mT, do).view(B, H, N, Dk, Dv)
+        dG_kk, d_hkk0 = _scan_back(dA, d_final_kk, None)
+        dG_kv, d_hkv0 = _scan_back(dHkv, d_final_kv, None)
+        dG_kk, dG_kv = dG_kk.view(-1, Dk, Dk), dG_kv.view(-1, Dk, Dv)
+        M3 = (R @ kc.mT).tril_()
+        dk = torch.bmm((M1 - M3).mT, P).baddbmm_(scores.mT, R, alpha=-1)
+        dk.baddbmm_(vc, dG_kv.mT).baddbmm_(kc, dG_kk + dG_kk.mT)
+        dv = torch.bmm(scores.mT, do).baddbmm_(kc, dG_kv)
+        dridge = None
+        if ctx.needs_input_grad[3]:
+            dridge = -(R * P).sum((0, 1))  # [Dk]
+        return (R, dk, dv, dridge, d_hkk0 if ctx.needs_input_grad[4] else None,
+                d_hkv0 if ctx.needs_input_grad[5] else None, None, None)
