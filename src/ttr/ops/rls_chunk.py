@@ -108,7 +108,7 @@ def _forward(qc, kc, vc, ridge, hkk0, hkv0, bhn, refine):
     """Steps 1-5 on chunked inputs qc, kc [B H N, C, Dk], vc [B H N, C, Dv]. Returns o
     [B H N, C, Dv], the final states [B, H, Dk, Dk | Dv], and what the backward reads."""
     B, H, N = bhn
-    C, Dk, Dv = kc.shape[1], kc.shape[2], vc.shape[2]
+    Dk, Dv = kc.shape[2], vc.shape[2]
     kT = kc.mT  # [B H N, Dk, C]
 
     # 1. chunk-start states: exclusive sums of the chunk Grams over chunks (`_pass_states`
