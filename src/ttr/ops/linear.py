@@ -27,8 +27,8 @@ Forms
              (_per_dim_terms; when every chunk is mild, _FactoredPerDim, with a written-out
              backward), for scalar decay when every chunk is mild (_chunk_scalar_factored).
              The chunk states pass by a scan on the CPU, by matmuls elsewhere (_pass_states).
-             Without decay, on the CPU, the whole form is one function with a written-out
-             backward (_NoDecayChunk).
+             Without decay, and for scalar decay factored, on the CPU, the whole form is one
+             function with a written-out backward (_FactoredChunk).
 
 Numerics: every decay factor is evaluated as exp(a - b) with a <= b, i.e. exp of a non-positive
 number (masked entries become exp(-inf) = 0 before the exp, never after, so gradients stay finite).
@@ -329,43 +329,42 @@ def _chunk_scalar_decay(q, k, v, g, s0, T):
     g [B, H, n, C]. Every decay factor is a column or a row of the chunk's decay matrix
     D[t, i] = exp(g_{i+1} + ... + g_t) or exp of an inclusive cumsum, so every exponent is a sum
     over its own segment (exact gradients under any decay, see _segment_sums). When every chunk
-    decays by at most e^-FACTOR_SPAN, the intra-chunk term is factored instead
-    (`_chunk_scalar_factored`); the state update and passing are the same either way."""
+    decays by at most e^-FACTOR_SPAN, the decay is factored into the queries and keys instead
+    (`_chunk_scalar_factored`), and the rest is the no-decay form with decayed states."""
     B, H, n, C, Dv = v.shape
     a = g.sum(-1)  # [B, H, n] the chunks' total log-decays, a bound on every exponent below
-    flush = must_flush(a)  # (never for mild chunks: their exponents stay above -FACTOR_SPAN)
     if not _is_compiling() and bool(a.amin() >= -FACTOR_SPAN):
-        o, qe = _chunk_scalar_factored(q, k, v, g)  # intra-chunk; q e^b reads the state below
-    else:
-        qe = None
-        D = decay_matrix(g, flush).to(q.dtype)  # [B, H, n, C, C] (cast for half matmuls)
-        o = ((q @ k.mT) * D) @ v  # [B, H, n, C, Dv] intra-chunk
+        qe, ke = _chunk_scalar_factored(q, k, g)
+        return _chunk_no_decay(qe, ke, v, s0, T, a)
+    flush = must_flush(a)
+    D = decay_matrix(g, flush).to(q.dtype)  # [B, H, n, C, C] (cast for half matmuls)
+    o = ((q @ k.mT) * D) @ v  # [B, H, n, C, Dv] intra-chunk
     # the decay from each step to the chunk end, exp(sum_{i<j<=C-1} g_j) (D's last row, but
     # taken from D its backward zero-fills and adds a full [C, C] gradient: ~3 ms at T = 2048)
     end = decay_exp(_after(g, per_dim=False), flush).to(q.dtype)  # [B, H, n, C]
     U = (k * end.unsqueeze(-1)).mT @ v  # [B, H, n, Dk, Dv]
     S0, S = _pass_states(U.to(g.dtype), a, s0)
     # inter-chunk: queries, decayed from the chunk start through t, read the entering state
-    if qe is not None:
-        o = o + qe @ S0.to(q.dtype)
-    else:  # addcmul scales and adds in one pass
-        e = decay_exp(torch.cumsum(g, -1), flush)  # [B, H, n, C]
-        o = torch.addcmul(o, e.to(q.dtype).unsqueeze(-1), q @ S0.to(q.dtype))
+    # (addcmul scales and adds in one pass)
+    e = decay_exp(torch.cumsum(g, -1), flush)  # [B, H, n, C]
+    o = torch.addcmul(o, e.to(q.dtype).unsqueeze(-1), q @ S0.to(q.dtype))
     return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
 
 
-def _chunk_scalar_factored(q, k, v, g):
-    """The intra-chunk term of `_chunk_scalar_decay` when every chunk decays by at most
-    e^-FACTOR_SPAN: the decay from step i to step t, exp(b_t - b_i) with b the inclusive cumsum
-    of g in the chunk, factored through the chunk start as exp(b_t) exp(-b_i) <= e^FACTOR_SPAN,
-    so that the scores are one matmul of decayed queries and keys, tril((q e^b)(k e^-b)^T), as
-    without decay. No [C, C] decay matrix is built or multiplied (forward and backward). The
-    error bound is that of the per-dimension factorization (`_per_dim_terms`). Returns the
-    intra-chunk output [B, H, n, C, Dv] and q e^b [B, H, n, C, Dk], which also reads the state."""
+def _chunk_scalar_factored(q, k, g):
+    """The decay of `_chunk_scalar_decay` factored through the chunk start, for when every chunk
+    decays by at most e^-FACTOR_SPAN: with b the inclusive cumsum of g in the chunk, the decay
+    from step i to step t is exp(b_t - b_i) = exp(b_t) exp(-b_i) <= e^FACTOR_SPAN, and from step
+    i to the chunk end exp(a - b_i) = e^a exp(-b_i). So with q e^b and k e^-b (returned,
+    [B, H, n, C, Dk]) the scores are tril((q e^b)(k e^-b)^T) as without decay, q e^b reads the
+    entering state, and the chunk adds e^a (k e^-b)^T V to it: the no-decay form with each
+    chunk's state scaled by e^a on the way out. No [C, C] decay matrix is built or multiplied
+    (forward and backward). The error bound is that of the per-dimension factorization
+    (`_per_dim_terms`)."""
     b = torch.cumsum(g, -1)  # [B, H, n, C], within [-FACTOR_SPAN, 0]
     qe = q * torch.exp(b).to(q.dtype).unsqueeze(-1)  # [B, H, n, C, Dk]
     ke = k * torch.exp(-b).to(k.dtype).unsqueeze(-1)
-    return (qe @ ke.mT).tril_() @ v, qe  # (tril_: matmul saves its inputs, not its output)
+    return qe, ke
 
 
 def _pass_states(U: torch.Tensor, a: torch.Tensor | None, s0):
@@ -493,58 +492,67 @@ def _scan_back(dS0, dS, e):
     return dU, lam
 
 
-def _chunk_no_decay(q, k, v, s0, T):
-    """`chunk_linear_attention` without decay, q, k, v chunked [B, H, n, C, D]: the state
-    entering chunk c is s0 + U_0 + ... + U_{c-1}, the chunk updates U_c = K_c^T V_c passed by
-    `_pass_states` without decay (on the CPU, eager, all of it in `_NoDecayChunk`)."""
+def _chunk_no_decay(q, k, v, s0, T, a=None):
+    """`chunk_linear_attention` without decay inside the chunks, q, k, v chunked
+    [B, H, n, C, D]: A = tril(Q K^T), U = K^T V, o = A V + Q S0, where S0, the state entering
+    chunk c, is s0 + U_0 + ... + U_{c-1} passed by `_pass_states` without decay, or, with a
+    [B, H, n] (the chunks' log-decays, from `_chunk_scalar_factored`), S0_{c+1} =
+    e^{a_c} (S0_c + U_c). On the CPU, eager, all of it is one function, `_FactoredChunk`."""
     B, H, n, C, Dv = v.shape
     sd = compute_dtype(q) if s0 is None else s0.dtype  # float32 states for half matmuls
     if q.device.type == "cpu" and not _is_compiling():
-        o, S = _NoDecayChunk.apply(q, k, v, s0, sd)
+        e = None if a is None else torch.exp(a).to(sd)[..., None, None]  # [B, H, n, 1, 1]
+        o, S = _FactoredChunk.apply(q, k, v, s0, sd, e)
     else:
         o = (q @ k.mT).tril_() @ v  # [B, H, n, C, Dv] intra-chunk (tril_ is safe: matmul's
         # backward needs q and k, not its output)
         U = (k.mT @ v).to(sd)  # [B, H, n, Dk, Dv]
-        S0, S = _pass_states(U, None, s0)  # [B, H, n, Dk, Dv] entering states
+        if a is not None:
+            U = U * torch.exp(a).to(sd)[..., None, None]
+        S0, S = _pass_states(U, None if a is None else a.to(sd), s0)  # entering states
         o = o + q @ S0.to(q.dtype)
     return o.reshape(B, H, n * C, Dv)[:, :, :T].transpose(1, 2), S
 
 
-class _NoDecayChunk(torch.autograd.Function):
+class _FactoredChunk(torch.autograd.Function):
     """`_chunk_no_decay` on the CPU, eager, as one function with a written-out backward:
     q, k [B, H, n, C, Dk], v [B, H, n, C, Dv] (contiguous), s0 None or [B, H, Dk, Dv] in the
-    state dtype sd -> (o [B, H, n, C, Dv], the final state [B, H, Dk, Dv]).
+    state dtype sd, e None or [B, H, n, 1, 1] (each chunk's decay e^a, in sd) ->
+    (o [B, H, n, C, Dv], the final state [B, H, Dk, Dv]).
 
-        A = tril(Q K^T),  U = K^T V,  S0 = the exclusive scan of U from s0,  o = A V + Q S0.
+        A = tril(Q K^T),  U = K^T V,  S0 = the exclusive scan of e U from s0
+        (S0_{c+1} = e_c S0_c + e_c U_c),  o = A V + Q S0.
 
-    With dO and dS the gradients of o and of the final state, and dU, ds0 from the scan's
-    backward of dS0 = Q^T dO (`_scan_back`):
-        dA = tril(dO V^T),  dQ = dA K + dO S0^T,  dK = dA^T Q + V dU^T,  dV = A^T dO + K dU.
+    With dO and dS the gradients of o and of the final state, and L_c = dL/dS0_{c+1} from the
+    scan's backward of dS0 = Q^T dO (`_scan_back`, also giving ds0):
+        dA = tril(dO V^T),  dQ = dA K + dO S0^T,  dU = e L,  dK = dA^T Q + V dU^T,
+        dV = A^T dO + K dU,  de_c = sum(L_c * (S0_c + U_c)).
     Each gradient's second term is accumulated into its first by the matmul itself (baddbmm,
     beta = 1), as is o's: autograd spent a separate pass on every sum, on the tril's gradient
     and on the state scan's contiguous copies, next to 12 batched C x C x D matmuls that are the
-    same here (T = 2048, 16 heads, an AVX2 EPYC, one process: forward 26.8 -> 24.8 ms, forward +
-    backward 83.5 -> 68.7 ms). The states (sd, float32 for half matmuls) are cast to q's dtype
-    for the matmuls that read them."""
+    same here (no decay, T = 2048, 16 heads, an AVX2 EPYC, one process: forward 26.8 -> 24.8
+    ms, forward + backward 83.5 -> 68.7 ms). The states (sd, float32 for half matmuls) are cast
+    to q's dtype for the matmuls that read them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, s0, sd):
+    def forward(ctx, q, k, v, s0, sd, e):
         B, H, n, C, Dk = q.shape
         Dv = v.shape[-1]
         q3, k3, v3 = q.view(-1, C, Dk), k.view(-1, C, Dk), v.view(-1, C, Dv)
         A = torch.bmm(q3, k3.mT).tril_()  # [B H n, C, C]
         U = torch.bmm(k3.mT, v3).view(B, H, n, Dk, Dv).to(sd)
-        S0, S = _scan(U, None, s0)  # [B, H, n, Dk, Dv] entering states, the final state
+        S0, S = _scan(U if e is None else U * e, e, s0)  # entering states, the final state
         S0q = S0.to(q.dtype).view(-1, Dk, Dv)
         o = torch.bmm(A, v3).baddbmm_(q3, S0q)  # [B H n, C, Dv]
-        ctx.save_for_backward(q, k, v, A, S0q)
+        # the decay's gradient reads the states in their own dtype
+        ctx.save_for_backward(q, k, v, A, S0q, e, *((S0, U) if e is not None else ()))
         ctx.has_s0 = s0 is not None
         return o.view(B, H, n, C, Dv), S
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS):
-        q, k, v, A, S0q = ctx.saved_tensors
+        q, k, v, A, S0q, e, *S0_U = ctx.saved_tensors
         B, H, n, C, Dk = q.shape
         Dv = v.shape[-1]
         q3, k3, v3 = q.view(-1, C, Dk), k.view(-1, C, Dk), v.view(-1, C, Dv)
@@ -552,12 +560,17 @@ class _NoDecayChunk(torch.autograd.Function):
         dA = torch.bmm(do3, v3.mT).tril_()  # [B H n, C, C]
         dq = torch.bmm(dA, k3).baddbmm_(do3, S0q.mT)
         dS0 = torch.bmm(q3.mT, do3).view(B, H, n, Dk, Dv).to(dS.dtype)
-        dU, ds0 = _scan_back(dS0, dS, None)
-        dU3 = dU.to(q.dtype).view(-1, Dk, Dv)
+        L, ds0 = _scan_back(dS0, dS, e)  # L_c = dL/dS0_{c+1}
+        de = None
+        if e is not None:
+            S0, U = S0_U
+            de = ((S0 + U) * L).sum((-2, -1), keepdim=True) if ctx.needs_input_grad[5] else None
+            L = L * e
+        dU3 = L.to(q.dtype).view(-1, Dk, Dv)
         dk = torch.bmm(dA.mT, q3).baddbmm_(v3, dU3.mT)
         dv = torch.bmm(A.mT, do3).baddbmm_(k3, dU3)
         return (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape),
-                ds0 if ctx.has_s0 else None, None)
+                ds0 if ctx.has_s0 else None, None, de)
 
 
 def _lower_index(P: int, device: torch.device) -> torch.Tensor:
