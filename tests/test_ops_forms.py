@@ -421,7 +421,7 @@ def test_per_dim_scores_backward_takes_any_gradient_layout():
 @pytest.mark.parametrize("strong", [False, True])
 def test_scalar_decay_factored_only_when_every_chunk_is_mild(strong, monkeypatch):
     """Scalar decay: when every chunk decays by at most FACTOR_SPAN the chunk form factors the
-    decay through the chunk start (_chunk_scalar_factored); one stronger chunk sends the call
+    decay through the chunk start (_chunk_factored); one stronger chunk sends the call
     down the exact decay-matrix path. Values and float64 gradients equal the recurrence both
     ways."""
     gen = torch.Generator().manual_seed(12)
@@ -431,8 +431,8 @@ def test_scalar_decay_factored_only_when_every_chunk_is_mild(strong, monkeypatch
     if strong:
         g[1, 20, 1] = -6.0
     calls = []
-    factored = linear_module._chunk_scalar_factored
-    monkeypatch.setattr(linear_module, "_chunk_scalar_factored",
+    factored = linear_module._chunk_factored
+    monkeypatch.setattr(linear_module, "_chunk_factored",
                         lambda *a: calls.append(1) or factored(*a))
     leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
     out = {}
@@ -548,20 +548,21 @@ def test_pass_states_is_the_chunk_recurrence_with_its_gradients(kind, with_s0, a
 
 @pytest.mark.parametrize("half", [False, True], ids=["float64", "bf16-autocast"])
 @pytest.mark.parametrize("with_s0", [False, True], ids=["no-s0", "s0"])
-@pytest.mark.parametrize("decay", [None, "scalar"])
+@pytest.mark.parametrize("decay", [None, "scalar", "per_dim"])
 def test_factored_chunk_backward_equals_autograd(monkeypatch, half, with_s0, decay):
-    """The chunk form on the CPU without decay, and with a mild scalar decay factored into the
-    queries and keys (`_FactoredChunk`, a written-out backward), against the paths autograd
-    records when compiling (no decay: the same terms with states passed by matmuls; scalar
-    decay: the exact decay-matrix path): values and gradients of q, k, v, g and the initial
-    state, in float64 and under bf16 autocast (half matmuls, float32 states); the written-out
-    path must have been taken."""
+    """The chunk form on the CPU without decay, and with a mild scalar or per-dimension decay
+    factored into the queries and keys (`_FactoredChunk`, a written-out backward), against the
+    paths autograd records when compiling (no decay: the same terms with states passed by
+    matmuls; with decay: the exact segment-sum paths): values and gradients of q, k, v, g and
+    the initial state, in float64 and under bf16 autocast (half matmuls, float32 states); the
+    written-out path must have been taken."""
     gen = torch.Generator().manual_seed(5)
     B, T, H, Dk, Dv = 2, 37, 2, 5, 3
     dt = torch.float32 if half else torch.float64
     q, k, v = (torch.randn(B, T, H, d, dtype=dt, generator=gen) for d in (Dk, Dk, Dv))
     # chunks of 8 decaying by e^-0.8 to e^-3.2: every chunk mild, so the factored path
-    g = -0.4 * torch.rand(B, T, H, dtype=dt, generator=gen) - 0.1 if decay else None
+    shape = (B, T, H, Dk) if decay == "per_dim" else (B, T, H)
+    g = -0.4 * torch.rand(*shape, dtype=dt, generator=gen) - 0.1 if decay else None
     s0 = torch.randn(B, H, Dk, Dv, dtype=dt, generator=gen) if with_s0 else None
     w = torch.randn(B, T, H, Dv, dtype=dt, generator=gen)
     ws = torch.randn(B, H, Dk, Dv, dtype=dt, generator=gen)
@@ -603,7 +604,7 @@ def _written_out_equals_autograd(monkeypatch, function, run, tol, module=linear_
 
 
 def test_factored_per_dim_backward_equals_the_exact_path(monkeypatch):
-    """The all-mild per-dimension path (`_FactoredPerDim`, a written-out backward) against the
+    """The all-mild per-dimension path (`_FactoredChunk`, a written-out backward) against the
     exact segment-sum path with autograd (taken when compiling), values and gradients of q, k,
     v, g and the initial state, float64; the factored path must have been taken."""
     gen = torch.Generator().manual_seed(4)
@@ -621,7 +622,7 @@ def test_factored_per_dim_backward_equals_the_exact_path(monkeypatch):
         loss = (o * w).sum() + (S * ws).sum()
         return [o, S, *torch.autograd.grad(loss, xs)]
 
-    _written_out_equals_autograd(monkeypatch, linear_module._FactoredPerDim, run, tol=1e-10)
+    _written_out_equals_autograd(monkeypatch, linear_module._FactoredChunk, run, tol=1e-10)
 
 
 @pytest.mark.parametrize("with_s0", [False, True])
