@@ -38,8 +38,9 @@ matmuls, all batched over chunks. The backward is the gradient of the exact map,
 (`_ChunkRLS`): one more prefix solve with the same factors and a few causal products, no
 backward through either factorization. Measured at T=2048, Dk=64, B*H=16 (docs/benchmarks.md):
 10.2x / 8.8x (forward / forward+backward) faster than the per-token batched solve on the Xeon of
-session 7 with autograd's backward; on an AVX2 EPYC (session 12, 2 threads, one process per variant) the
-written-out backward took forward+backward from 280 to 156 ms (forward 88 ms). Decayed weights
+session 7 with autograd's backward; on an AVX2 EPYC (session 12, 2 threads, one process per
+variant) the written-out backward took forward+backward from 280 to 156 ms (forward 88 ms), and
+the bench measured 11.4x / 14.0x against the batched solve. Decayed weights
 (g != 0) break step 3 (the ridge is not decayed, so the base matrix changes with t) and are left
 to the parallel form and to conjugate gradient (ttr/ops/rls_cg.py).
 """
