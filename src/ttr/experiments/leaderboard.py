@@ -190,7 +190,24 @@ def _figure(n_panels: int, width: float = 4.6, height: float = 3.6):
     cols = min(n_panels, 3)
     rows = -(-n_panels // cols)
     fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    return fig, fig.subplots(rows, cols, squeeze=False).ravel()
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:  # the grid's unused cells: no empty frames
+        ax.remove()
+    return fig, axes[:n_panels]
+
+
+# Recall plots name only the layers below this accuracy: at the top dozens of names overlap
+# into an unreadable bar, and those layers are in the leaderboard's table anyway.
+LABEL_BELOW = 0.97
+
+
+def _label(ax, name: str, x, y) -> None:
+    ax.annotate(name, (x, y), fontsize=6, alpha=0.8, xytext=(3, 2), textcoords="offset points")
+
+
+def _note_unlabelled(ax) -> None:
+    ax.text(0.01, 0.01, f"unlabelled: >= {LABEL_BELOW:.0%}", fontsize=6, alpha=0.7,
+            transform=ax.transAxes, ha="left", va="bottom")
 
 
 def _legend(fig, axes) -> None:
@@ -228,17 +245,30 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
         fig, axes = _figure(len(points))
         for ax, point in zip(axes, points, strict=False):
             sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]
+            seen = set()  # legend by family; the layers below LABEL_BELOW named at their lowest
+            # point (where the line stands apart from the crowd at the top)
             for layer in sorted({r["layer"] for r in sel}):
                 pts = sorted((r["d_model"], r["accuracy"]) for r in sel if r["layer"] == layer)
                 fam = next(r["family"] for r in sel if r["layer"] == layer)
-                ax.plot(*zip(*pts, strict=True), marker="o", label=layer, alpha=0.8,
+                ax.plot(*zip(*pts, strict=True), marker="o", alpha=0.8,
+                        label=fam if fam not in seen else "_nolegend_",
                         color=FAMILY_COLORS.get(fam))
+                seen.add(fam)
+                low = min(pts, key=lambda p: p[1])
+                if low[1] < LABEL_BELOW:
+                    _label(ax, layer, *low)
             ax.set_xscale("log", base=2)
+            ds = sorted({r["d_model"] for r in sel})
+            ax.set_xticks(ds, [str(d) for d in ds])
             ax.set(title="{}, P = {}, T = {}".format(*point), xlabel="d_model",
                    ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
+            _note_unlabelled(ax)
+        _legend(fig, axes)
         written.append(out_dir / "mqar_vs_d.png")
         fig.savefig(written[-1], dpi=110)
+    from matplotlib.ticker import NullFormatter
+
     fig, axes = _figure(len(points))
     for ax, point in zip(axes, points, strict=False):  # zoology's recall vs memory
         sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]
@@ -247,12 +277,14 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.scatter([r["state_floats"] for r in fs], [r["accuracy"] for r in fs], s=18,
                        label=fam, color=FAMILY_COLORS.get(fam))
             for r in fs:
-                ax.annotate(r["layer"], (r["state_floats"], r["accuracy"]), fontsize=5,
-                            alpha=0.7, xytext=(2, 2), textcoords="offset points")
+                if r["accuracy"] < LABEL_BELOW:
+                    _label(ax, r["layer"], r["state_floats"], r["accuracy"])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^4, 3x10^4, ... ran together
         ax.set(title="{}, P = {}, T = {}".format(*point), xlabel="recurrent state (floats)",
                ylabel="accuracy (best lr)", ylim=(-0.02, 1.05))
         ax.grid(alpha=0.3)
+        _note_unlabelled(ax)
     _legend(fig, axes)
     written.append(out_dir / "mqar_vs_state.png")
     fig.savefig(written[-1], dpi=110)
