@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -316,9 +317,9 @@ def plot_regression(rows: list[dict], out_dir: Path) -> list[Path]:
                         ls="-" if paper else "--", color=color, label=r["layer"], alpha=0.9)
             if variant != "stationary":
                 ax.axvline(len(vr[0]["curve"]) // 4, color="k", lw=0.8, ls=":")
-            if off:
-                ax.text(0.99, 0.01, "off the chart: " + ", ".join(off), fontsize=6,
-                        transform=ax.transAxes, ha="right", va="bottom", wrap=True)
+            if off:  # wrapped by hand: matplotlib's wrap=True let it run into the next panel
+                ax.text(0.99, 0.01, textwrap.fill("off the chart: " + ", ".join(off), 60),
+                        fontsize=6, transform=ax.transAxes, ha="right", va="bottom")
             ax.set_yscale("log")
             ax.set(xlabel="t", ylabel=f"{ylabel} (mean over sequences)")
             ax.grid(alpha=0.3)
