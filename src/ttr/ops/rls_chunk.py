@@ -95,8 +95,8 @@ def chunk_rls(
         # every other form also sees
         hkk0, hkv0 = 0.5 * (initial_state[0] + initial_state[0].mT), initial_state[1]
     if _is_compiling():
-        # autograd through the steps themselves: the written-out backward's data-dependent
-        # pieces (the PD check in inverse_cholesky) do not trace
+        # autograd through the steps themselves: the written-out path's data-dependent pieces
+        # (the PD check in inverse_cholesky, the backward's refinement stop) do not trace
         o, final_kk, final_kv = _forward(qc, kc, vc, ridge, hkk0, hkv0, (B, H, N), refine)[:3]
     else:
         o, final_kk, final_kv = _ChunkRLS.apply(qc, kc, vc, ridge, hkk0, hkv0, (B, H, N), refine)
