@@ -13,8 +13,8 @@ optimizer matters (linear attention's outer-product memory saturates, RLS's does
 quick: one grid point per variant -- zoology d_model 64, P = 8, T = 64; paper d_model 32,
 P = 32, T = 64 -- with 300 steps of 32 sequences and lr in {3e-3, 1e-2}: 33 entries x 2
 variants x 2 lrs = 132 runs; measured 48 minutes on 2 cores while two language-model
-trainings shared them (per-run times sum to 1.6 hours: about 25 minutes on an idle machine,
-an estimate), results in docs/results/sweeps/mqar_catalogue-quick.
+trainings shared them, and 24 min 22 s on 2 otherwise idle cores of an AVX2 AMD EPYC
+(session 12, `-j 2 --threads 1`), results in docs/results/sweeps/mqar_catalogue-quick.
 full: d_model in {32, 64, 128} x lr in {1e-3, 3e-3, 1e-2} x 600 steps; zoology (P, T) in
 {(8, 64), (16, 128)}, paper (P, T) in {(32, 64), (64, 128)}: 1188 runs, one thread each, two
 workers on 2 cores. Wall time, measured so far (per-run seconds summed, mostly the Intel Xeon,
