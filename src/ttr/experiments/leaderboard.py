@@ -220,6 +220,8 @@ def _legend(fig, axes) -> None:
 
 
 def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
+    from matplotlib.ticker import NullFormatter
+
     written = []
     panels = sorted({(r["variant"], r["num_pairs"]) for r in rows})
     varies_t = any(len({r["seq_len"] for r in rows if (r["variant"], r["num_pairs"]) == p}) > 1
@@ -268,8 +270,6 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
         _legend(fig, axes)
         written.append(out_dir / "mqar_vs_d.png")
         fig.savefig(written[-1], dpi=110)
-    from matplotlib.ticker import NullFormatter
-
     fig, axes = _figure(len(points))
     for ax, point in zip(axes, points, strict=False):  # zoology's recall vs memory
         sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]

@@ -205,7 +205,8 @@ class _ChunkRLS(torch.autograd.Function):
     exclusive sums over chunks (`_scan_back`) of the chunk-start gradients -R^T P and P^T dO
     (plus the final states' gradients); those sums' totals are the initial states' gradients,
     and d ridge = -sum_t r_t * p_t. Through autograd the backward ran ~60 batched matmuls and
-    both blocked factorizations' backwards; here it is 21 matmuls."""
+    both blocked factorizations' backwards; here it is 21 matmuls with one refinement step, 6
+    more for each further step BACKWARD_REFINE takes."""
 
     @staticmethod
     def forward(ctx, qc, kc, vc, ridge, hkk0, hkv0, bhn, refine):
