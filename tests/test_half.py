@@ -146,3 +146,86 @@ def test_delta_rule_autocast_matches_float32(gated):
         if b is not None:
             assert a.dtype == F32, name
             assert_close(a, b, dtype=BF16, what=f"d{name}")
+
+
+# -- every op and form under autocast ------------------------------------------------------------
+
+def _every_op_case(gen):
+    """{name: (op, positional tensors, keyword options, forms)} on small float32 inputs."""
+    from ttr import ops
+
+    B, T, H, D = 2, 70, 2, 16  # T: two chunks of 64 and a ragged one; blocks of 64 too
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    u = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
+    q, v = r(B, T, H, D), r(B, T, H, D)
+    k = F.normalize(r(B, T, H, D), dim=-1)
+    beta, g, gd = u(B, T, H), -0.1 * u(B, T, H), -0.1 * u(B, T, H, D)
+    return {
+        "linear_attention": (ops.linear_attention, (q, k, v, gd), {},
+                             ("recurrent", "parallel", "chunk")),
+        "delta_rule": (ops.delta_rule, (q, k, v, beta, g), {}, ("recurrent", "chunk")),
+        "delta_product": (ops.delta_product, (q, F.normalize(r(B, T, H, 2, D), dim=-1),
+                                              r(B, T, H, 2, D), u(B, T, H, 2), g), {},
+                          ("recurrent", "chunk")),
+        "momentum_delta_rule": (ops.momentum_delta_rule, (q, k, v, beta, 0.9 * u(B, T, H), g),
+                                {}, ("recurrent", "chunk", "chunk_recurrent")),
+        "rls": (ops.rls, (q, k, v), {"ridge": 1.0}, ("recurrent", "parallel", "chunk")),
+        "rls_decay": (ops.rls, (q, k, v, g), {"ridge": 1.0}, ("recurrent", "parallel", "chunk")),
+        "kernel_regression": (ops.kernel_regression, (q, k, v), {"ridge": 1.0},
+                              ("recurrent", "blocked")),
+        "softmax_attention": (ops.softmax_attention, (q, k, v), {}, ("recurrent", "fused")),
+        "local_linear_attention": (ops.local_linear_attention, (q, k, v), {"ridge": 0.1},
+                                   ("naive", "blocked")),
+        "mlstm": (ops.mlstm, (q, k, v, r(B, T, H), F.logsigmoid(r(B, T, H) + 3)), {},
+                  ("recurrent", "parallel", "chunk")),
+        "rwkv6": (ops.rwkv6, (q, k, v, gd, r(H, D)), {}, ("recurrent", "chunk")),
+        "ttt": (ops.ttt, (q, k, v, 0.1 * u(B, T, H)), {"params": ops.ttt_params(H, D)},
+                ("recurrent", "chunk")),
+        "titans": (ops.titans, (q, k, v, 0.1 * u(B, T, H), 0.5 * u(B, T, H), 0.1 * u(B, T, H)),
+                   {"params": ops.titans_params(H, D, D, generator=gen)},
+                   ("recurrent", "chunk", "chunk_recurrent")),
+    }
+
+
+# ops that compute in float32 under autocast (`computes_in_float32_under_autocast`); the
+# recurrent and parallel forms (the specs) of every op do too
+FLOAT32_OPS = ("rls", "rls_decay", "kernel_regression", "mlstm", "rwkv6")
+AUTOCAST_CASES = [pytest.param(name, form, id=f"{name}-{form}")
+                  for name, (_, _, _, forms) in _every_op_case(torch.Generator()).items()
+                  for form in forms]
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    items = state.values() if isinstance(state, dict) else state
+    return [t for x in items for t in _tensors(x)]
+
+
+@pytest.mark.parametrize("name, form", AUTOCAST_CASES)
+def test_every_op_runs_under_autocast(name, form):
+    """The autocast contract (ttr.ops.common.float32_under_autocast): every op and form runs
+    under bf16 autocast with float32 inputs, forward and backward; its final state is float32,
+    its gradients float32 and within the bf16 tolerance of the float32 call's, its output too.
+    The specs and the solvers compute in float32: they equal the float32 call. The other forms
+    take a half path of their own or autocast's half-precision matmuls."""
+    op, args, kw, _ = _every_op_case(torch.Generator().manual_seed(5))[name]
+    w = torch.randn(2, 70, 2, 16, generator=torch.Generator().manual_seed(6))
+    ref = leaves(*args)
+    o_ref, s_ref = op(*ref, form=form, output_final_state=True, **kw)
+    (o_ref * w).sum().backward()
+    half = leaves(*args)
+    with torch.autocast("cpu", dtype=BF16):
+        o, s = op(*half, form=form, output_final_state=True, **kw)
+    (o.float() * w).sum().backward()
+    assert o.dtype in (BF16, F32)
+    assert all(x.dtype == F32 for x in _tensors(s)), f"state dtypes {_tensors(s)}"
+    for a, b in zip(_tensors(s), _tensors(s_ref), strict=True):
+        assert_close(a, b, dtype=BF16, what="final state")
+    assert_close(o, o_ref, dtype=BF16, what="output")
+    if form in ("recurrent", "parallel") or name in FLOAT32_OPS:
+        assert o.dtype == F32
+        assert_close(o, o_ref, tol=1e-6, what="float32 output")
+    for i, (a, b) in enumerate(zip(grads(half), grads(ref), strict=True)):
+        assert a.dtype == F32, f"gradient {i}"
+        assert_close(a, b, dtype=BF16, what=f"gradient of argument {i}")

@@ -14,6 +14,8 @@ zero-padded batch, when padding at most doubles the tokens.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from itertools import pairwise
 
@@ -38,6 +40,36 @@ def constant(key: tuple, build):
     if key not in _CONSTANTS:
         _CONSTANTS[key] = build()
     return _CONSTANTS[key]
+
+
+def float32_under_autocast(x: torch.Tensor):
+    """A context that turns `torch.autocast` off on x's device (a no-op when it is off).
+
+    The autocast contract of the ops: under autocast to a half dtype, with float32 inputs, an op
+    either runs a half path of its own (the chunk forms of linear attention, the delta rule and
+    DeltaProduct: chunk-local matmuls in the half dtype, decays and states in float32) or it
+    computes in float32 throughout, as if autocast were off: the recurrent and parallel specs,
+    and the solvers (RLS, kernel regression), whose factorizations and conjugate gradients are
+    not safe with half-precision Grams. Left to autocast, their matmuls would return bf16
+    operands to float32 in-place updates and solves (RuntimeError: dtypes must match), or
+    accumulate a state in bf16."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def computes_in_float32_under_autocast(op: Callable) -> Callable:
+    """Decorate an op whose every form computes in float32 under autocast (see
+    `float32_under_autocast`; the op's first argument is a tensor on the compute device)."""
+
+    @functools.wraps(op)
+    def wrapper(x, *args, **kwargs):
+        if not isinstance(x, torch.Tensor):
+            return op(x, *args, **kwargs)  # the op's own check names the argument
+        with float32_under_autocast(x):
+            return op(x, *args, **kwargs)
+
+    return wrapper
 
 
 def check_tensor(name: str, x, ndim: int | None = None) -> torch.Tensor:

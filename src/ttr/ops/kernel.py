@@ -100,6 +100,7 @@ from ttr.ops.common import (
     check_like,
     check_qkv,
     check_state,
+    computes_in_float32_under_autocast,
 )
 from ttr.ops.linear import compute_dtype
 from ttr.ops.local import _check_cache, split_caches, varlen_caches
@@ -109,6 +110,7 @@ SOLVERS = ("exact", "gd")
 FORMS = ("recurrent", "blocked")
 
 
+@computes_in_float32_under_autocast
 def kernel_regression(q, k, v, beta=None, *, kernel="exp", degree=None, ridge=None,
                       solver="exact", initial_state=None, output_final_state=False,
                       cu_seqlens=None, form="blocked", block_size=64):

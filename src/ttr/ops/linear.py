@@ -51,6 +51,7 @@ from ttr.ops.common import (
     check_state,
     check_tensor,
     constant,
+    float32_under_autocast,
     scan,
     varlen,
 )
@@ -176,12 +177,13 @@ def linear_attention(q, k, v, g=None, *, initial_state=None, output_final_state=
                 o, s = chunk_linear_attention(q, k, v, g_, s0, chunk_size, half)
             return o, (s if output_final_state else None)
         q_, k_, v_ = q.to(dt), k.to(dt), v.to(dt)
-        if form == "recurrent":
-            o, s = _recurrent(q_, k_, v_, g_, s0)
-        elif form == "parallel":
-            o, s = _parallel(q_, k_, v_, g_, s0)
-        else:
-            o, s = chunk_linear_attention(q_, k_, v_, g_, s0, chunk_size)
+        with float32_under_autocast(q):  # the specs (and float64 chunks) as without autocast
+            if form == "recurrent":
+                o, s = _recurrent(q_, k_, v_, g_, s0)
+            elif form == "parallel":
+                o, s = _parallel(q_, k_, v_, g_, s0)
+            else:
+                o, s = chunk_linear_attention(q_, k_, v_, g_, s0, chunk_size)
         return o.to(q.dtype), (s if output_final_state else None)
 
     if cu_seqlens is not None:

@@ -60,6 +60,7 @@ from ttr.ops.common import (
     check_like,
     check_qkv,
     check_state,
+    computes_in_float32_under_autocast,
     scan,
     varlen,
 )
@@ -73,6 +74,7 @@ from ttr.ops.linear import (
 FORMS = ("recurrent", "parallel", "chunk")
 
 
+@computes_in_float32_under_autocast
 def mlstm(q, k, v, i, f, *, initial_state=None, output_final_state=False, cu_seqlens=None,
           form="chunk", chunk_size=64):
     """mLSTM memory read-out h_t = C_t^T q_t / max(|n_t^T q_t|, 1) (see the module docstring).
@@ -108,6 +110,7 @@ def mlstm(q, k, v, i, f, *, initial_state=None, output_final_state=False, cu_seq
     return run(**tensors, initial_state=initial_state, output_final_state=output_final_state)
 
 
+@computes_in_float32_under_autocast
 def mlstm_step(q_t, k_t, v_t, i_t, f_t, state=None):
     """One decoding step: q_t, k_t [B, H, Dk], v_t [B, H, Dv], i_t, f_t [B, H]; state None or
     (C~ [B, H, Dk, Dv], n~ [B, H, Dk], m [B, H]). Returns (h_t [B, H, Dv], new state)."""

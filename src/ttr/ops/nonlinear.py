@@ -49,6 +49,7 @@ cost O(b) per token) and moves the boundary state on every b tokens (tests/test_
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -61,6 +62,7 @@ from ttr.ops.common import (
     check_like,
     check_qkv,
     check_tensor,
+    float32_under_autocast,
     time_steps,
     varlen,
 )
@@ -129,7 +131,9 @@ def ttt(q, k, v, eta, params, *, model="linear", mini_batch=16, initial_state=No
             w = {n: p[n].expand(q.shape[0], *p[n].shape) for n in fast}
         else:
             w = {n: initial_state[n].to(dt) for n in fast}
-        o, w = solve(q_, k_, v_, e_, (p["ln_weight"], p["ln_bias"]), w, model, mini_batch)
+        # the spec in float32 under autocast; the chunk form takes autocast's matmuls
+        with float32_under_autocast(q) if form == "recurrent" else contextlib.nullcontext():
+            o, w = solve(q_, k_, v_, e_, (p["ln_weight"], p["ln_bias"]), w, model, mini_batch)
         return o.to(q.dtype), (w if output_final_state else None)
 
     tensors = {"q": q, "k": k, "v": v, "eta": eta}

@@ -53,6 +53,7 @@ from ttr.ops.common import (
     check_qkv,
     check_state,
     check_tensor,
+    computes_in_float32_under_autocast,
     scan,
     varlen,
 )
@@ -69,6 +70,7 @@ from ttr.ops.rls_chunk import chunk_rls
 FORMS = ("recurrent", "parallel", "chunk")
 
 
+@computes_in_float32_under_autocast
 def rls(q, k, v, g=None, beta=None, *, ridge, initial_state=None, output_final_state=False,
         cu_seqlens=None, form=None, chunk_size=64, cg_tol=None, cg_max_iter=None):
     """Exact ridge regression memory, `o_t = H_kv,t^T (H_kk,t + diag(ridge))^{-1} q_t`.
@@ -122,6 +124,7 @@ def rls(q, k, v, g=None, beta=None, *, ridge, initial_state=None, output_final_s
     return run(q, k, v, g, beta, initial_state, output_final_state)
 
 
+@computes_in_float32_under_autocast
 def rls_step(q_t, k_t, v_t, g_t=None, beta_t=None, state=None, *, ridge):
     """One decoding step: q_t, k_t [B, H, Dk], v_t [B, H, Dv], g_t / beta_t None or [B, H].
 

@@ -39,6 +39,7 @@ from ttr.ops.common import (
     check_qkv,
     check_state,
     check_tensor,
+    computes_in_float32_under_autocast,
     scan,
     varlen,
 )
@@ -52,6 +53,7 @@ from ttr.ops.linear import (
 FORMS = ("recurrent", "chunk")
 
 
+@computes_in_float32_under_autocast
 def rwkv6(r, k, v, w, u, *, initial_state=None, output_final_state=False, cu_seqlens=None,
           form="chunk", chunk_size=64):
     """RWKV-6 wkv: o_t = S_{t-1}^T r_t + (r_t . (u * k_t)) v_t (see the module docstring).
@@ -90,6 +92,7 @@ def rwkv6(r, k, v, w, u, *, initial_state=None, output_final_state=False, cu_seq
     return run(**tensors, initial_state=initial_state, output_final_state=output_final_state)
 
 
+@computes_in_float32_under_autocast
 def rwkv6_step(r_t, k_t, v_t, w_t, u, state=None):
     """One decoding step: r_t, k_t [B, H, Dk], v_t [B, H, Dv], w_t [B, H, Dk] log-decay <= 0,
     u [H, Dk]; state None or S [B, H, Dk, Dv]. Returns (o_t [B, H, Dv], new state)."""

@@ -46,7 +46,13 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ttr.ops.common import check_cu_seqlens, check_form, check_qkv, time_steps
+from ttr.ops.common import (
+    check_cu_seqlens,
+    check_form,
+    check_qkv,
+    float32_under_autocast,
+    time_steps,
+)
 from ttr.ops.linear import check_chunk_size, compute_dtype
 from ttr.ops.momentum import _check_momentum
 from ttr.ops.nonlinear import batched, check_dict, check_positive_int, varlen_dict
@@ -103,11 +109,12 @@ def titans(q, k, v, lr, momentum, decay, params, *, chunk_size=16, initial_state
             Ss = [torch.zeros_like(W) for W in Ws]
         else:
             Ws, Ss = ([initial_state[f"{n}{i}"].to(dt) for i in range(1, L + 1)] for n in "WS")
-        if form == "chunk":
+        if form == "chunk":  # autocast's matmuls, if it is on
             o, Ws, Ss = _chunk(q_, k_, v_, th, mu, al, Ws, Ss, chunk_size)
-        else:
+        else:  # the loops are specs: float32 under autocast
             C = 1 if form == "recurrent" else chunk_size
-            o, Ws, Ss = _loop(q_, k_, v_, th, mu, al, Ws, Ss, C)
+            with float32_under_autocast(q):
+                o, Ws, Ss = _loop(q_, k_, v_, th, mu, al, Ws, Ss, C)
         state = dict(zip(keys, Ws + Ss, strict=True)) if output_final_state else None
         return o.to(q.dtype), state
 
