@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ttr.ops.delta_chunk as delta_chunk
+import ttr.ops.delta_factored as delta_factored
 from ttr.ops import delta_rule
 from ttr.ops.delta_chunk import chunk_delta_rule
 from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights, sgd_gates
@@ -205,3 +207,48 @@ def test_bad_input_names_the_argument(over, err, name):
     with pytest.raises(err, match=f"^{name}"):
         chunk_delta_rule(kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("beta"), kw.pop("g"),
                          **kw)
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float64", "bf16-autocast"])
+@pytest.mark.parametrize("with_s0", [False, True], ids=["no-s0", "s0"])
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_factored_backward_equals_autograd(written_out_equals_autograd, half, with_s0, gated):
+    """On the CPU, with every chunk mild, the chunk form is `_FactoredDelta` (the decay factored
+    through the chunk start, the backward written out); against the decay-matrix path autograd
+    differentiates (taken when compiling): outputs, final state and the gradients of q, k, v,
+    beta, g and the initial state, in float64 and under bf16 autocast."""
+    dt = torch.float32 if half else F64
+    q, k, v, beta, g, s0 = (None if x is None else x.to(dt) for x in
+                            inputs(2, 37, 2, 5, 3, "rand" if gated else None, seed=7))
+    g = None if g is None else 0.3 * g  # chunks of 8 decaying by at most e^-2.4: all mild
+    s0 = s0 if with_s0 else None
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(2, 37, 2, 3, dtype=dt, generator=gen)
+    ws = torch.randn(2, 2, 5, 3, dtype=dt, generator=gen)
+
+    def run():
+        xs = [x.clone().requires_grad_() for x in (q, k, v, beta, g, s0) if x is not None]
+        it = iter(xs)
+        args = [next(it) for _ in range(4)] + [next(it) if gated else None]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            o, S = chunk_delta_rule(*args, initial_state=next(it) if with_s0 else None,
+                                    output_final_state=True, chunk_size=8)
+        loss = (o.to(dt) * w).sum() + (S * ws).sum()
+        return [o, S, *torch.autograd.grad(loss, xs)]
+
+    # under bf16 the two paths round different products ((q e^G)(k e^-G)^T against q k^T times
+    # a decay matrix), so they agree to bf16's relative RMSE bound
+    written_out_equals_autograd(delta_factored._FactoredDelta, delta_chunk, run,
+                                tol=2e-2 if half else 1e-10, rmse=half)
+
+
+def test_strong_decay_takes_the_decay_matrix_path(monkeypatch):
+    """A chunk decaying by more than e^-FACTOR_SPAN leaves the factors e^-G unbounded: the whole
+    call then takes the exact decay-matrix path, and still equals the spec."""
+    q, k, v, beta, g, s0 = inputs(1, 40, 2, 6, 4, -0.5)  # chunks of 16 decay by e^-8
+    monkeypatch.setattr(delta_factored._FactoredDelta, "apply", None)  # must not be called
+    o, s = chunk_delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                            chunk_size=16)
+    o_ref, s_ref = recurrent(q, k, v, beta, g, initial_state=s0, output_final_state=True)
+    assert_close(o, o_ref)
+    assert_close(s, s_ref)

@@ -549,7 +549,8 @@ def test_pass_states_is_the_chunk_recurrence_with_its_gradients(kind, with_s0, a
 @pytest.mark.parametrize("half", [False, True], ids=["float64", "bf16-autocast"])
 @pytest.mark.parametrize("with_s0", [False, True], ids=["no-s0", "s0"])
 @pytest.mark.parametrize("decay", [None, "scalar", "per_dim"])
-def test_factored_chunk_backward_equals_autograd(monkeypatch, half, with_s0, decay):
+def test_factored_chunk_backward_equals_autograd(written_out_equals_autograd, half, with_s0,
+                                                 decay):
     """The chunk form on the CPU without decay, and with a mild scalar or per-dimension decay
     factored into the queries and keys (`_FactoredChunk`, a written-out backward), against the
     paths autograd records when compiling (no decay: the same terms with states passed by
@@ -581,29 +582,11 @@ def test_factored_chunk_backward_equals_autograd(monkeypatch, half, with_s0, dec
     # products (q k^T times a decay matrix, not (q e^b)(k e^-b)^T), so the gate gradient, a
     # sum of cancelling terms, differs by more than elementwise rounding: the two agree to
     # bf16's relative RMSE bound instead (each measured 0.5-1.1e-2 from float64)
-    _written_out_equals_autograd(monkeypatch, linear_module._FactoredChunk, run,
-                                 tol=2e-2 if half else 1e-10, rmse=bool(half and decay))
+    written_out_equals_autograd(linear_module._FactoredChunk, linear_module, run,
+                                tol=2e-2 if half else 1e-10, rmse=bool(half and decay))
 
 
-def _written_out_equals_autograd(monkeypatch, function, run, tol, module=linear_module,
-                                 rmse=False):
-    """run() (outputs and gradients) through `function`, an autograd Function with a written-out
-    backward, which must be taken, equals run() on the autograd path `module` takes when
-    compiling: elementwise to tol, or (rmse) to a relative RMSE of tol."""
-    taken, apply = [], function.apply
-    monkeypatch.setattr(function, "apply", lambda *a: taken.append(1) or apply(*a))
-    fast = run()
-    assert taken, f"{function.__name__} was not taken"
-    monkeypatch.setattr(module, "_is_compiling", lambda: True)
-    for i, (x, y) in enumerate(zip(fast, run(), strict=True)):
-        assert x.dtype == y.dtype
-        if rmse:
-            assert_close(x, y, tol=tol, what=f"output {i}")
-        else:
-            torch.testing.assert_close(x, y, rtol=tol, atol=tol)
-
-
-def test_factored_per_dim_backward_equals_the_exact_path(monkeypatch):
+def test_factored_per_dim_backward_equals_the_exact_path(written_out_equals_autograd):
     """The all-mild per-dimension path (`_FactoredChunk`, a written-out backward) against the
     exact segment-sum path with autograd (taken when compiling), values and gradients of q, k,
     v, g and the initial state, float64; the factored path must have been taken."""
@@ -622,11 +605,11 @@ def test_factored_per_dim_backward_equals_the_exact_path(monkeypatch):
         loss = (o * w).sum() + (S * ws).sum()
         return [o, S, *torch.autograd.grad(loss, xs)]
 
-    _written_out_equals_autograd(monkeypatch, linear_module._FactoredChunk, run, tol=1e-10)
+    written_out_equals_autograd(linear_module._FactoredChunk, linear_module, run, tol=1e-10)
 
 
 @pytest.mark.parametrize("with_s0", [False, True])
-def test_chunk_rls_backward_equals_autograd_through_its_steps(monkeypatch, with_s0):
+def test_chunk_rls_backward_equals_autograd_through_its_steps(written_out_equals_autograd, with_s0):
     """The exact chunk RLS (`_ChunkRLS`: the gradient of the exact map, written out) against
     autograd through every step of the algorithm (taken when compiling), float64: values and
     gradients of q, k, v, beta, a per-dimension ridge and both initial states, with a loss on
@@ -650,8 +633,7 @@ def test_chunk_rls_backward_equals_autograd_through_its_steps(monkeypatch, with_
         grads = torch.autograd.grad(loss, xs if with_s0 else xs[:5])
         return [o, Skk, Skv, *grads]
 
-    _written_out_equals_autograd(monkeypatch, rls_chunk_module._ChunkRLS, run, tol=1e-10,
-                                 module=rls_chunk_module)
+    written_out_equals_autograd(rls_chunk_module._ChunkRLS, rls_chunk_module, run, tol=1e-10)
 
 
 def test_chunk_rls_float32_gradients_at_an_ill_conditioned_ridge():

@@ -23,6 +23,11 @@ with start state S_0 and G_r = g_1 + ... + g_r (log decay from the chunk start t
 4. State pass over chunks: u = U - W S_0, S_next = e^{G_C} S_0 + (e^{G_C - G} * K)^T u.
 5. Outputs, all chunks at once: o = (e^G * Q) S_0 + (Q K^T * Gamma, causal) u.
 
+On the CPU (eager), when every chunk decays by at most e^-FACTOR_SPAN (always without decay),
+the same steps run with the decay factored through the chunk start (Gamma_ri = e^{G_r} e^{-G_i})
+as one function with a written-out backward: `delta_factored.py`. The steps below are the
+general path (strong decay, torch.compile, other devices), which autograd differentiates.
+
 Cost: O(T C (Dk + Dv) + T Dk Dv) matmul work plus N small C x C triangular inverses, versus
 the recurrent form's T sequential rank-1 updates; the sequential depth drops from T to T / C.
 """
@@ -32,10 +37,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ttr.ops.common import check_like, check_log_decay, check_qkv, check_state
+from ttr.ops.common import _is_compiling, check_like, check_log_decay, check_qkv, check_state
 from ttr.ops.decay import decay_exp, decay_matrix, must_flush
+from ttr.ops.delta_factored import factored_delta_rule
 from ttr.ops.inverse_cholesky import inverse_lower
-from ttr.ops.linear import check_chunk_size, compute_dtype, contiguous_as, half_matmul_dtype
+from ttr.ops.linear import (
+    FACTOR_SPAN,
+    check_chunk_size,
+    compute_dtype,
+    contiguous_as,
+    half_matmul_dtype,
+)
 
 # Step 3, measured on the dev machine (2-core Xeon, torch 2.13 CPU, 1 thread, fp32; a batch of
 # 512 unit-lower-triangular 64 x 64 systems = B*H=16, T=2048, C=64 with Dk = Dv = 64; median
@@ -119,6 +131,14 @@ def _chunk(q, k, v, beta, g, initial_state, output_final_state, chunk_size, half
 
     qc, kc, vc = chunks(q, md), chunks(k, md), chunks(v, md)  # [B, H, N, C, D]
     bc = chunks(beta)  # [B, H, N, C]
+    gc = None if g is None else chunks(g)  # [B, H, N, C]
+    if q.device.type == "cpu" and not _is_compiling() and (
+            gc is None or bool(gc.sum(-1).amin() >= -FACTOR_SPAN)):
+        # every chunk mild: the decay factored through the chunk start, the backward written
+        # out (delta_factored.py); the steps below are what autograd differentiates otherwise
+        o, S = factored_delta_rule(qc, kc, vc, bc, gc, initial_state)
+        o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T].to(half or q.dtype)
+        return o, (S if output_final_state else None)
     eye = torch.eye(C, dtype=cd, device=q.device)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # r >= i
 
@@ -127,7 +147,6 @@ def _chunk(q, k, v, beta, g, initial_state, output_final_state, chunk_size, half
         gamma = causal.to(cd)  # [C, C]
         qd, kd, kend, total = qc, kc, kc, None
     else:
-        gc = chunks(g)  # [B, H, N, C]
         # log Gamma_ri as the segment sum g_{i+1} + ... + g_r, not as G_r - G_i: both are <= 0,
         # but the difference leaves rounding noise of size eps * Gamma in the gradient of every
         # g_j, which swamps the true gradient when the decay is strong (it is then tiny).
