@@ -221,12 +221,22 @@ def _chunk(q, k, v, lr, mu, alpha, Ws, Ss, chunk_size):
         # 6. the next chunk's start: Step 3 read at the last real row
         a_e, c_e, p_e = (x[..., -1, None, None] for x in (A_n, c_n, p_n))  # [B, H, 1, 1]
         D_e, P_e = D_n[..., -1, :, None], P_n[..., -1, :, None]  # [B, H, n, 1]
+        # (fused: the states are the large tensors here, [B, H, d_in, d_out] per layer, and
+        # every separate product, sum and difference was a pass over them, forward and back)
         Ws, Ss = (
-            [a_e * W + c_e * S - (D_e * x).mT @ d
+            [_minus_outer(torch.addcmul(a_e * W, c_e, S), D_e * x, d)
              for W, S, x, d in zip(Ws, Ss, xs, deltas, strict=True)],
-            [p_e * S - (P_e * x).mT @ d for S, x, d in zip(Ss, xs, deltas, strict=True)],
+            [_minus_outer(p_e * S, P_e * x, d) for S, x, d in zip(Ss, xs, deltas, strict=True)],
         )
     return torch.cat(outs, dim=2).transpose(1, 2), Ws, Ss
+
+
+def _minus_outer(M, x, d):
+    """M - x^T d for M [B, H, a, b], x [B, H, n, a], d [B, H, n, b], as one baddbmm; in M's
+    dtype under autocast too (the states accumulate in float32)."""
+    with float32_under_autocast(M):
+        return torch.baddbmm(M.flatten(0, 1), x.mT.flatten(0, 1).to(M.dtype),
+                             d.flatten(0, 1).to(M.dtype), alpha=-1).view(M.shape)
 
 
 def _param_shapes(params, H, Dk, Dv):
