@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ttr.ops import delta_rule, linear_attention
-from ttr.ops.linear import half_matmul_dtype
+from ttr.ops.common import half_matmul_dtype
 from ttr.testing import assert_close
 
 BF16, F32 = torch.bfloat16, torch.float32

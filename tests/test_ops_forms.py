@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import ttr.ops.common as common
-import ttr.ops.linear as linear_module
+import ttr.ops.linear_chunk as linear_module
+import ttr.ops.linear_per_dim as per_dim_module
 import ttr.ops.rls_chunk as rls_chunk_module
 from ttr.ops import (
     delta_rule,
@@ -387,7 +388,7 @@ def test_rls_parallel_long_decay():
 @pytest.mark.parametrize("g_value", [-20.0, -5.0, -0.01])
 def test_linear_attention_decay_gradient_float32(form, g_value, per_dim):
     """Under strong decay the gradient w.r.t. g is tiny; float32 forms must still get it right
-    (segment sums, not differences of cumulative sums: see linear._segment_sums), for a scalar
+    (segment sums, not differences of cumulative sums: see decay.segment_sums), for a scalar
     and a per-dimension decay (chunk: across and within GLA's sub-chunks)."""
     gen = torch.Generator().manual_seed(0)
     B, T, H, D = 1, 50, 2, 4
@@ -411,9 +412,9 @@ def test_per_dim_scores_backward_takes_any_gradient_layout():
     q, k = (torch.randn(1, 2, 3, 8, 4, generator=gen, dtype=F64, requires_grad=True)
             for _ in range(2))
     g = (-torch.rand(1, 2, 3, 8, 4, generator=gen, dtype=F64)).requires_grad_()
-    expanded = torch.autograd.grad(linear_module._intra_chunk_per_dim(q, k, g).sum(), (q, k, g))
+    expanded = torch.autograd.grad(per_dim_module.intra_chunk_per_dim(q, k, g).sum(), (q, k, g))
     ones = torch.ones(1, 2, 3, 8, 8, dtype=F64)
-    dense = torch.autograd.grad(linear_module._intra_chunk_per_dim(q, k, g), (q, k, g), ones)
+    dense = torch.autograd.grad(per_dim_module.intra_chunk_per_dim(q, k, g), (q, k, g), ones)
     for a, b in zip(expanded, dense, strict=True):
         assert_close(a, b, tol=1e-14)
 

@@ -300,3 +300,84 @@ def _stack_states(states):
     if isinstance(first, torch.Tensor):
         return torch.cat(states, dim=0)
     return type(first)(_stack_states(list(parts)) for parts in zip(*states, strict=True))
+
+
+# -- dtypes and decoding steps, shared by the op families ------------------------------------------
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulate in float32 for half-precision inputs; keep float32 / float64 as is."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def half_matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a chunk form runs its chunk-local matmuls in: the autocast dtype when autocast
+    is on for x's device with a half dtype and x is float32; else None (x's compute dtype
+    throughout; half-precision inputs are computed in float32, the most accurate choice).
+
+    Under autocast every matmul would otherwise cast its float32 operands again (a copy per
+    call) and hand back half-precision results that the float32 elementwise work promotes
+    straight back (0.94-1.12x of float32, session 3). The chunk forms cast once instead, in
+    their chunking copy (0.9-1.45x so far: docs/benchmarks.md, session 7)."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+    return None
+
+
+def contiguous_as(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """x as a contiguous copy in `dtype` (None: its own), in one pass. Not `.to` when the dtype
+    stays: the backward of `.to` copies the gradient into x's strides, that of `.contiguous`
+    passes it on (~5 ms per forward + backward of [1, 2048, 16, 64] scalar-decay linear
+    attention)."""
+    if dtype is None or dtype == x.dtype:
+        return x.contiguous()
+    return x.to(dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
+def check_step_qkv(q_t, k_t, v_t) -> tuple[int, int, int, int]:
+    """Validate one decoding step `q_t, k_t: [B, H, Dk]`, `v_t: [B, H, Dv]`; return B, H, Dk, Dv."""
+    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        check_tensor(name, x, 3)
+    if k_t.shape != q_t.shape:
+        raise ValueError(f"k_t: expected shape {tuple(q_t.shape)} (that of q_t, [B, H, Dk]), "
+                         f"got {tuple(k_t.shape)}")
+    if v_t.shape[:2] != q_t.shape[:2]:
+        raise ValueError(f"v_t: expected shape [B, H, Dv] = [{q_t.shape[0]}, {q_t.shape[1]}, Dv], "
+                         f"got {tuple(v_t.shape)}")
+    for name, x in (("k_t", k_t), ("v_t", v_t)):
+        if x.dtype != q_t.dtype:
+            raise TypeError(f"{name}: expected dtype {q_t.dtype} (that of q_t), got {x.dtype}")
+        if x.device != q_t.device:
+            raise ValueError(f"{name}: expected device {q_t.device} (that of q_t), got {x.device}")
+    for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        check_finite(name, x)
+    B, H, Dk = q_t.shape
+    return B, H, Dk, v_t.shape[-1]
+
+
+def check_step_decay(g_t, q_t: torch.Tensor, per_dim_ok: bool = True):
+    """`g_t` is None, `[B, H]` or (if allowed) `[B, H, Dk]`, finite and <= 0."""
+    if g_t is None:
+        return None
+    check_tensor("g_t", g_t)
+    B, H, Dk = q_t.shape
+    shapes = [(B, H)] + ([(B, H, Dk)] if per_dim_ok else [])
+    if tuple(g_t.shape) not in shapes:
+        want = " or ".join(str(list(s)) for s in shapes)
+        names = "[B, H]" + (" or [B, H, Dk]" if per_dim_ok else "")
+        raise ValueError(f"g_t: expected log-decay of shape {names} = {want}, "
+                         f"got {tuple(g_t.shape)}")
+    if g_t.device != q_t.device:
+        raise ValueError(f"g_t: expected device {q_t.device} (that of q_t), got {g_t.device}")
+    check_finite("g_t", g_t)
+    if bool((g_t > 0).any()):
+        raise ValueError(f"g_t: expected log-decay <= 0 (decay exp(g) in (0, 1]), "
+                         f"got max {g_t.max().item():.4g}")
+    return g_t

@@ -24,22 +24,20 @@ from __future__ import annotations
 import torch
 
 from ttr.ops.common import (
+    check_chunk_size,
     check_cu_seqlens,
     check_form,
     check_like,
     check_log_decay,
     check_qkv,
     check_state,
+    check_step_decay,
+    check_step_qkv,
+    compute_dtype,
     scan,
     varlen,
 )
 from ttr.ops.delta_chunk import _chunk_delta_rule
-from ttr.ops.linear import (
-    check_chunk_size,
-    check_step_decay,
-    check_step_qkv,
-    compute_dtype,
-)
 
 FORMS = ("recurrent", "chunk")
 

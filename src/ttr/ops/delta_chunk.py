@@ -37,17 +37,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ttr.ops.common import _is_compiling, check_like, check_log_decay, check_qkv, check_state
-from ttr.ops.decay import decay_exp, decay_matrix, must_flush
-from ttr.ops.delta_factored import factored_delta_rule
-from ttr.ops.inverse_cholesky import inverse_lower
-from ttr.ops.linear import (
-    FACTOR_SPAN,
+from ttr.ops.common import (
+    _is_compiling,
     check_chunk_size,
+    check_like,
+    check_log_decay,
+    check_qkv,
+    check_state,
     compute_dtype,
     contiguous_as,
     half_matmul_dtype,
 )
+from ttr.ops.decay import decay_exp, decay_matrix, must_flush
+from ttr.ops.delta_factored import factored_delta_rule
+from ttr.ops.inverse_cholesky import inverse_lower
+from ttr.ops.linear_chunk import FACTOR_SPAN
 
 # Step 3, measured on the dev machine (2-core Xeon, torch 2.13 CPU, 1 thread, fp32; a batch of
 # 512 unit-lower-triangular 64 x 64 systems = B*H=16, T=2048, C=64 with Dk = Dv = 64; median

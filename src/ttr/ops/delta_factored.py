@@ -8,7 +8,7 @@ factors as Gamma_ri = e^{G_r} e^{-G_i} with both factors within e^{+-FACTOR_SPAN
     qp = e^G Q,  kp = e^G K,  kn = e^-G K    ([C, Dk] per chunk; without decay qp = Q, kp = kn = K)
 
 every decay-masked product of the chunk form is a plain masked matmul, as in linear
-attention's factored form (`linear._chunk_factored`):
+attention's factored form (`linear_chunk._chunk_factored`):
 
     A    = strictly_lower(diag(beta) kp kn^T)       (Step 2)
     Tc   = (I + A)^{-1} diag(beta),  W = Tc kp,  U = Tc V      (Step 3, the UT transform)
@@ -35,7 +35,7 @@ carried backward through Step 4 (lam), the gradients are, step by step in revers
 
 The forward is exact to float precision (products of factors each exact to rounding); the
 gate gradient goes through differences G_r - G_i whose rounding the FACTOR_SPAN bound keeps
-small, as measured for linear attention (`linear._per_dim_terms`). Under autocast (`half`),
+small, as measured for linear attention (`linear_chunk._per_dim_terms`). Under autocast (`half`),
 the chunk-local matmuls run in the half dtype; the inverse, Step 4's states and pseudo-values,
 beta and the gates stay in float32, as in `delta_chunk._chunk`.
 """

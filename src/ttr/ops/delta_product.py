@@ -27,18 +27,20 @@ from __future__ import annotations
 import torch
 
 from ttr.ops.common import (
+    check_chunk_size,
     check_cu_seqlens,
     check_finite,
     check_form,
     check_like,
     check_log_decay,
     check_state,
+    check_step_decay,
     check_tensor,
+    compute_dtype,
     varlen,
 )
 from ttr.ops.delta import _read, recurrent
 from ttr.ops.delta_chunk import _chunk_delta_rule
-from ttr.ops.linear import check_chunk_size, check_step_decay, compute_dtype
 
 FORMS = ("recurrent", "chunk")
 

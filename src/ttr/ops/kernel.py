@@ -100,9 +100,9 @@ from ttr.ops.common import (
     check_like,
     check_qkv,
     check_state,
+    compute_dtype,
     computes_in_float32_under_autocast,
 )
-from ttr.ops.linear import compute_dtype
 from ttr.ops.local import _check_cache, split_caches, varlen_caches
 
 KERNELS = ("exp", "rbf", "polynomial")

@@ -37,10 +37,11 @@ from ttr.ops.common import (
     check_form,
     check_qkv,
     check_state,
+    check_step_qkv,
     check_tensor,
+    compute_dtype,
     varlen,
 )
-from ttr.ops.linear import check_step_qkv, compute_dtype
 
 FORMS = ("fused", "recurrent")
 

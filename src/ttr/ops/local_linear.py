@@ -63,8 +63,7 @@ import math
 
 import torch
 
-from ttr.ops.common import check_causal, check_cu_seqlens, check_form, check_qkv
-from ttr.ops.linear import compute_dtype
+from ttr.ops.common import check_causal, check_cu_seqlens, check_form, check_qkv, compute_dtype
 from ttr.ops.local import with_caches
 
 FORMS = ("naive", "blocked")

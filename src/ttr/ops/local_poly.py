@@ -44,8 +44,7 @@ import math
 
 import torch
 
-from ttr.ops.common import check_cu_seqlens, check_qkv
-from ttr.ops.linear import compute_dtype
+from ttr.ops.common import check_cu_seqlens, check_qkv, compute_dtype
 from ttr.ops.local import with_caches
 from ttr.ops.local_linear import check_number
 

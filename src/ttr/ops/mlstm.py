@@ -55,21 +55,19 @@ import torch.nn.functional as F
 
 from ttr.ops.common import (
     _is_compiling,
+    check_chunk_size,
     check_cu_seqlens,
     check_form,
     check_like,
     check_qkv,
     check_state,
+    check_step_qkv,
+    compute_dtype,
     computes_in_float32_under_autocast,
     scan,
     varlen,
 )
-from ttr.ops.linear import (
-    _segment_sums,
-    check_chunk_size,
-    check_step_qkv,
-    compute_dtype,
-)
+from ttr.ops.decay import segment_sums
 
 FORMS = ("recurrent", "parallel", "chunk")
 
@@ -149,7 +147,7 @@ def _step(q, k, v, i, f, state):
 def _log_weights(i, f):
     """D [..., L, L]: log weight D_tj = f_{j+1} + ... + f_t + i_j of pair j at step t (j <= t,
     -inf above the diagonal); F [..., L]: F_t = f_1 + ... + f_t. From i, f [..., L]."""
-    return _segment_sums(f) + i.unsqueeze(-2), torch.cumsum(f, dim=-1)
+    return segment_sums(f) + i.unsqueeze(-2), torch.cumsum(f, dim=-1)
 
 
 def _read(q, k, v, D, a, C0, n0):

@@ -39,17 +39,20 @@ import torch.nn.functional as F
 
 from ttr.ops.common import (
     _is_compiling,
+    check_chunk_size,
     check_cu_seqlens,
     check_form,
     check_like,
     check_log_decay,
     check_qkv,
     check_state,
+    check_step_decay,
+    check_step_qkv,
+    compute_dtype,
     time_steps,
     varlen,
 )
 from ttr.ops.delta import _read
-from ttr.ops.linear import check_chunk_size, check_step_decay, check_step_qkv, compute_dtype
 
 FORMS = ("recurrent", "chunk", "chunk_recurrent")
 

@@ -62,11 +62,11 @@ from ttr.ops.common import (
     check_like,
     check_qkv,
     check_tensor,
+    compute_dtype,
     float32_under_autocast,
     time_steps,
     varlen,
 )
-from ttr.ops.linear import compute_dtype
 
 FORMS = ("recurrent", "chunk")
 MODELS = ("linear", "mlp")

@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 
 from ttr.ops.common import (
+    check_chunk_size,
     check_cu_seqlens,
     check_finite,
     check_form,
@@ -52,18 +53,15 @@ from ttr.ops.common import (
     check_log_decay,
     check_qkv,
     check_state,
+    check_step_decay,
+    check_step_qkv,
     check_tensor,
+    compute_dtype,
     computes_in_float32_under_autocast,
     scan,
     varlen,
 )
-from ttr.ops.linear import (
-    check_chunk_size,
-    check_step_decay,
-    check_step_qkv,
-    chunk_linear_attention,
-    compute_dtype,
-)
+from ttr.ops.linear_chunk import chunk_linear_attention
 from ttr.ops.rls_cg import cg_rls
 from ttr.ops.rls_chunk import chunk_rls
 

@@ -36,7 +36,8 @@ from __future__ import annotations
 import torch
 
 from ttr.ops.common import _is_compiling
-from ttr.ops.linear import _after, chunk_linear_attention
+from ttr.ops.decay import sums_after
+from ttr.ops.linear_chunk import chunk_linear_attention
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -75,8 +76,8 @@ def _final_gram(bk, k, g, Hkk0):
     if g is None:
         H = torch.einsum("bthi,bthj->bhij", bk, k)
         return H if Hkk0 is None else H + Hkk0
-    # sum_{j>i} g_j as a shifted reverse cumsum, not a difference (see linear._segment_sums)
-    w = torch.exp(_after(g.transpose(1, 2), per_dim=False)).transpose(1, 2)  # [B, T, H]
+    # sum_{j>i} g_j as a shifted reverse cumsum, not a difference (see decay.segment_sums)
+    w = torch.exp(sums_after(g.transpose(1, 2), per_dim=False)).transpose(1, 2)  # [B, T, H]
     H = torch.einsum("bthi,bthj->bhij", bk * w.unsqueeze(-1), k)
     if Hkk0 is not None:
         H = H + torch.exp(g.sum(1))[..., None, None] * Hkk0

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from ttr.ops.common import _is_compiling
 from ttr.ops.inverse_cholesky import inverse_cholesky
-from ttr.ops.linear import _pass_states, _scan_back
+from ttr.ops.linear_chunk import _pass_states, _scan_back
 
 
 def chunk_rls(

@@ -32,23 +32,21 @@ import torch.nn.functional as F
 
 from ttr.ops.common import (
     _is_compiling,
+    check_chunk_size,
     check_cu_seqlens,
     check_finite,
     check_form,
     check_like,
     check_qkv,
     check_state,
+    check_step_qkv,
     check_tensor,
+    compute_dtype,
     computes_in_float32_under_autocast,
     scan,
     varlen,
 )
-from ttr.ops.linear import (
-    check_chunk_size,
-    check_step_qkv,
-    chunk_linear_attention,
-    compute_dtype,
-)
+from ttr.ops.linear_chunk import chunk_linear_attention
 
 FORMS = ("recurrent", "chunk")
 

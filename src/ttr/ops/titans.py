@@ -47,13 +47,14 @@ import torch
 import torch.nn.functional as F
 
 from ttr.ops.common import (
+    check_chunk_size,
     check_cu_seqlens,
     check_form,
     check_qkv,
+    compute_dtype,
     float32_under_autocast,
     time_steps,
 )
-from ttr.ops.linear import check_chunk_size, compute_dtype
 from ttr.ops.momentum import _check_momentum
 from ttr.ops.nonlinear import batched, check_dict, check_positive_int, varlen_dict
 
