@@ -200,8 +200,14 @@ class MQARModel(nn.Module):
                  output_norm: bool = False, form: str | None = None):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
+        # The delta rule's step (I - beta k k^T) is a contraction only while beta ||k||^2 <= 2:
+        # with raw keys the recurrence overflowed at T = 1024 from the first step for some
+        # initializations (loss NaN at any learning rate). Its keys and queries are L2-normalized,
+        # as DeltaNet's are (Yang et al. 2024, "Parallelizing linear transformers with the delta
+        # rule over sequence length").
         self.mixer = Mixer(recipe, MixerConfig(d_model=d_model, n_heads=1, d_key=d_model,
                                                d_value=d_model, conv_k=2,
+                                               qk_norm=recipe.op == "delta_rule",
                                                output_norm="rms" if output_norm else None,
                                                form=form))
         self.norm = nn.RMSNorm(d_model)
