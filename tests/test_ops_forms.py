@@ -19,10 +19,12 @@ import ttr.ops.linear_chunk as linear_module
 import ttr.ops.linear_per_dim as per_dim_module
 import ttr.ops.rls_chunk as rls_chunk_module
 from ttr.ops import (
+    delta_product,
     delta_rule,
     delta_rule_step,
     linear_attention,
     linear_attention_step,
+    momentum_delta_rule,
     rls,
     rls_step,
     softmax_attention,
@@ -351,6 +353,47 @@ def test_half_precision_keeps_dtype(op, form):
     o, _ = call(op, xb, form, **kw)
     assert o.dtype == torch.bfloat16
     assert_close(o, o_ref, dtype=torch.bfloat16, what=f"{op} {form} bf16")
+
+
+def _decayed_op(name, T, D, g_value):
+    """(op, positional inputs [1, T, 1, ...], keyword options) of a decayed memory for the
+    long-sequence test: unit-norm keys and step sizes in (0, 1), as the delta rules need."""
+    gen = torch.Generator().manual_seed(1)
+    q, v = (torch.randn(1, T, 1, D, generator=gen) for _ in range(2))
+    k = F.normalize(torch.randn(1, T, 1, D, generator=gen), dim=-1)
+    beta, g = torch.rand(1, T, 1, generator=gen), torch.full((1, T, 1), g_value)
+    if name == "delta_rule":
+        return delta_rule, (q, k, v, beta, g), {}
+    if name == "delta_product":  # two steps per token
+        k2 = F.normalize(torch.randn(1, T, 1, 2, D, generator=gen), dim=-1)
+        v2 = torch.randn(1, T, 1, 2, D, generator=gen)
+        return delta_product, (q, k2, v2, torch.rand(1, T, 1, 2, generator=gen), g), {}
+    if name == "momentum_delta_rule":
+        # its chunk form steps with gradients taken at the chunk start (mini-batch GD): stable
+        # only while a chunk's summed steps stay small, sum_t beta_t k_t k_t^T / (1 - mu) < 2
+        return momentum_delta_rule, (q, k, v, 0.02 * beta,
+                                     0.9 * torch.rand(1, T, 1, generator=gen), g), {}
+    return rls, (q, k, v, g), {"ridge": 1.0}  # the chunk form is conjugate gradient
+
+
+@pytest.mark.parametrize("name", ["delta_rule", "delta_product", "momentum_delta_rule", "rls"])
+@pytest.mark.parametrize("g_value", [-20.0, -1e-4], ids=["near0", "near1"])
+def test_decayed_ops_long_sequence_finite(name, g_value):
+    """T = 65536 in float32 through each decayed op's chunk form (the gated delta rule's
+    decay-matrix path near 0, its factored path near 1): outputs and the final state finite,
+    and the last steps, from the long prefix's state, equal the recurrent spec."""
+    T, D, tail = 65536, 8, 24
+    op, args, kw = _decayed_op(name, T, D, g_value)
+    a = T - tail
+    o, s = op(*(x[:, :a] for x in args), output_final_state=True, form="chunk", **kw)
+    states = [s] if isinstance(s, torch.Tensor) else list(s)
+    assert bool(torch.isfinite(o).all()) and all(bool(torch.isfinite(x).all()) for x in states)
+    rest = [x[:, a:] for x in args]
+    o_tail, _ = op(*rest, initial_state=s, form="chunk", chunk_size=8, **kw)
+    # the momentum op's chunk form is its own function, whose loop spec is "chunk_recurrent"
+    spec = "chunk_recurrent" if name == "momentum_delta_rule" else "recurrent"
+    o_ref, _ = op(*rest, initial_state=s, form=spec, chunk_size=8, **kw)
+    assert_close(o_tail, o_ref, tol=1e-3 if name == "rls" else None, what="chunk vs recurrent")
 
 
 @pytest.mark.parametrize("decay", ["scalar", "dim"])
