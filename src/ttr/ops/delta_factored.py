@@ -107,7 +107,7 @@ class _FactoredDelta(torch.autograd.Function):
         o = torch.bmm(attn, um).baddbmm_(qp3, S0m)  # [M, C, Dv]
         ctx.save_for_backward(qp, kp, kn, v, beta, Linv, Tc, W, S0, u, attn, S,
                               *(() if g is None else (eG, enG, e)))
-        ctx.has_s0, ctx.has_g = s0 is not None, g is not None
+        ctx.has_s0 = s0 is not None
         return o.view(B, H, N, C, Dv), S.view(B, H, Dk, Dv)
 
     @staticmethod
@@ -162,7 +162,7 @@ class _FactoredDelta(torch.autograd.Function):
         dkn.baddbmm_(dA.mul_(b3).mT, kp_c)
         # 1. through the factors
         dg = None
-        dqp, dkn = dqp.to(cd), dkn
+        dqp = dqp.to(cd)
         if decay:
             eG, enG, _ = decay
             shape = (B, H, N, C, Dk)
