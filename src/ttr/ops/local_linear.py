@@ -283,6 +283,10 @@ class _BlockedFn(torch.autograd.Function):
     def backward(ctx, do):
         q, K, V, o, *saved = ctx.saved_tensors
         Tc, bw, ridge, block_size = ctx.args
+        # the incoming gradient may be a broadcast (that of sum(): zero strides); sliced per
+        # query block it then gave every matmul below a strided operand (B H = 64, T = 1024:
+        # forward + backward of o.sum() 8.7 against 6.6 s with it made contiguous)
+        do = do.contiguous()
         dq, dK, dV = torch.zeros_like(q), torch.zeros_like(K), torch.zeros_like(V)
         for a, b, c, qc, pos in _query_blocks(q, Tc, block_size):
             if saved:  # the statistics of the forward pass
