@@ -329,10 +329,12 @@ def _moments(w, k, v, vk=True):
 
     S2 = w (k k^T) is the largest term of the forward pass (T^2 Dk^2 flops); being symmetric,
     only the products k_a k_b with a <= b are formed and weighted: half the flops and half the
-    streamed accumulator. Measured (one thread, B H = 16, T = 1024, D = 64, ridge 0.1, the
-    blocked form, A/B in fresh processes): forward 1.52 -> 1.13-1.23 s, forward + backward
-    2.00-2.07 -> 1.68-1.74 s. (The per-query LU stays: Cholesky with its solves was slower here,
-    307 + 2 x 139 ms against 378 + 2 x 48 ms for 16384 systems of 64 x 64.)"""
+    streamed accumulator; with `_query_block` forming A on the triangle too, measured (one
+    thread, T = 1024, D = 64, ridge 0.1, the blocked form): B H = 16, A/B in fresh processes,
+    forward 1.52 -> 1.07-1.23 s, forward + backward 2.00-2.07 -> 1.56-1.74 s; B H = 64 (fig3's
+    batch), alternating in one process, forward + backward 11.2 -> 7.4 s. (The per-query LU
+    stays: Cholesky with its solves was slower here, 307 + 2 x 139 ms against 378 + 2 x 48 ms
+    for 16384 systems of 64 x 64.)"""
     Dk, Dv = k.shape[-1], v.shape[-1]
     m = (w.sum(-1), w @ k, w @ _packed_outer(k), w @ v)  # S2 packed: [BH, Tq, Dk (Dk + 1) / 2]
     if not vk:

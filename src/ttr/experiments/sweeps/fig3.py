@@ -6,13 +6,14 @@ and local linear attention (p = 1). 140 runs. quick: P = 64, T = 256, lr 1e-2, 5
 
 Cost, measured (session 13, one thread per run, the 2-core Xeon with a second job on the other
 core), seconds per training step at P = 128, T = 1024: linear attention 0.53, delta rule 0.85,
-RLS 0.94, softmax attention 1.8, local linear attention 13.9 (its O(T^2 D^2) per-query second
-moments: 64 sequences x 1024^2 pairs x 64^2 per step). So a T = 1024 run takes 0.3-1 hour for
-the first four layers and ~8 hours for local linear attention; in all about 30 core-hours for
-the first four layers and ~80 for local linear attention, of which its eight T = 1024 runs are
-~60. The runs go cheapest first (the set of runs, and so their ids, does not depend on the
-order): a partial sweep holds the whole figure for the four fast layers before local linear
-attention's long runs.
+RLS 0.94, softmax attention 1.8, local linear attention 13.9 before this session's changes to
+its forward (its O(T^2 D^2) per-query second moments: 64 sequences x 1024^2 pairs x 64^2 per
+step; the op's forward + backward at that size went 11.2 -> 7.4 s, uncontended). So a T = 1024
+run takes 0.3-1 hour for the first four layers and ~4-5 hours for local linear attention; in
+all about 30 core-hours for the first four layers and ~50 for local linear attention, ~35 of
+them its eight T = 1024 runs. The runs go cheapest first (the set of runs, and so their ids,
+does not depend on the order): a partial sweep holds the whole figure for the four fast layers
+before local linear attention's long runs.
 """
 
 from ttr.experiments.mqar import LAYERS
