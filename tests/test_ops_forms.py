@@ -630,6 +630,31 @@ def test_factored_chunk_backward_equals_autograd(written_out_equals_autograd, ha
                                 tol=2e-2 if half else 1e-10, rmse=bool(half and decay))
 
 
+@pytest.mark.parametrize("op", ["linear_attention", "delta_rule"])
+def test_written_out_backward_takes_a_broadcast_gradient(op):
+    """o.sum() hands the written-out backwards (`_FactoredChunk`, `_FactoredDelta`) a gradient
+    of stride 0, which they make contiguous before their batched matmuls: the gradients equal
+    those of the same ones materialized."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 70, 2, 4, generator=gen) for _ in range(3))
+    k = F.normalize(k, dim=-1)
+    beta = torch.rand(1, 70, 2, generator=gen)
+    fn = linear_attention if op == "linear_attention" else (
+        lambda q, k, v, **kw: delta_rule(q, k, v, beta, **kw))
+
+    def grads(materialize):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, _ = fn(*xs, form="chunk", chunk_size=16)
+        if materialize:
+            o.backward(torch.ones_like(o))
+        else:
+            o.sum().backward()
+        return [x.grad for x in xs]
+
+    for a, b in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_factored_per_dim_backward_equals_the_exact_path(written_out_equals_autograd):
     """The all-mild per-dimension path (`_FactoredChunk`, a written-out backward) against the
     exact segment-sum path with autograd (taken when compiling), values and gradients of q, k,

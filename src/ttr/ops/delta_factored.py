@@ -118,7 +118,7 @@ class _FactoredDelta(torch.autograd.Function):
         Dv = v.shape[-1]
         md, cd = qp.dtype, beta.dtype
         qp3, kp3, kn3, v3 = (x.view(-1, C, x.shape[-1]) for x in (qp, kp, kn, v))
-        do3 = do.to(md).reshape(-1, C, Dv)
+        do3 = do.to(md).reshape(-1, C, Dv).contiguous()  # not broadcast: see _FactoredChunk
         um, S0m = u.to(md).view(-1, C, Dv), S0.to(md).view(-1, Dk, Dv)
         # 5. through the outputs
         dattn = torch.bmm(do3, um.mT).tril_()  # [M, C, C]
