@@ -191,18 +191,13 @@ def _blocked_forward(q, K, V, Tc, bw, ridge, block_size, stats):
         outs.append(o)
         saved.append(st)
     o = torch.cat(outs, 1)  # [BH, T, Dv]
-    return o, (tuple(_cat_queries(x) for x in zip(*saved, strict=True)) if stats else None)
-
-
-def _cat_queries(xs):
-    """The query blocks' statistics joined along the query axis (dim 1), each in its own memory
-    layout: LAPACK returns the LU factors column-major (LU.mT contiguous), and a plain cat
-    writes them row-major, a transposing copy that lu_solve then undoes for every query block
-    of the backward. Forward + backward, measured as in `_stream_moments`: B H = 16 2.67 ->
-    2.36 s; at B H = 64, with the two-pass moments, 21.3 -> 16.7 s."""
-    if xs[0].ndim == 4 and xs[0].mT.is_contiguous():
-        return torch.cat([x.mT for x in xs], 1).mT
-    return torch.cat(xs, 1)
+    # the statistics stay per query block, as the backward reads them: joined along the query
+    # axis, the LU factors lost LAPACK's column-major layout (a transposing copy of all of
+    # them) and, sliced back per block, their batch strides (a copy in every lu_solve).
+    # Forward + backward, measured as in `_stream_moments`: B H = 16 2.37 -> 2.06 s; with the
+    # two-pass moments, against the code before both, B H = 16 2.87 -> 2.46 s and B H = 64
+    # 13.2 -> 9.8 s
+    return o, (saved if stats else None)
 
 
 def _query_block(qc, K, V, c, pos, bw, ridge, block_size, stats):
@@ -252,7 +247,7 @@ def _stream_moments(qc, K, V, c, pos, bw, block_size, vk):
     against recomputing the log-weights (4 / Dk of the second moments' flops). Measured with the
     packing written in place (`_packed_outer`), one thread, T = 1024, D = 64, ridge 0.1, old and
     new code interleaved in one process while a sweep ran on the other core: forward at
-    B H = 16 1.97 -> 1.80 s, at B H = 64 (fig3's batch) 8.1 -> 7.4 s."""
+    B H = 16 1.97 -> 1.80 s, at B H = 64 (fig3's batch) 7.2-8.1 -> 6.5-7.4 s."""
     mx = None
     for *_, logw in _key_blocks(qc, K, V, c, pos, bw, block_size):
         new = logw.amax(-1)  # [BH, Bq]; the first block has an unmasked key for every query
@@ -290,7 +285,7 @@ class _BlockedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, K, V, Tc, bw, ridge, block_size, recompute):
         o, st = _blocked_forward(q, K, V, Tc, bw, ridge, block_size, stats=not recompute)
-        ctx.save_for_backward(q, K, V, o, *(st or ()))
+        ctx.save_for_backward(q, K, V, o, *(t for block in st or () for t in block))
         ctx.args = (Tc, bw, ridge, block_size)
         return o
 
@@ -303,9 +298,9 @@ class _BlockedFn(torch.autograd.Function):
         # forward + backward of o.sum() 8.7 against 6.6 s with it made contiguous)
         do = do.contiguous()
         dq, dK, dV = torch.zeros_like(q), torch.zeros_like(K), torch.zeros_like(V)
-        for a, b, c, qc, pos in _query_blocks(q, Tc, block_size):
-            if saved:  # the statistics of the forward pass
-                lse, kb, vbar, ub, LU, piv = (x[:, a:b] for x in saved)
+        for i, (a, b, c, qc, pos) in enumerate(_query_blocks(q, Tc, block_size)):
+            if saved:  # the statistics of the forward pass, six per query block
+                lse, kb, vbar, ub, LU, piv = saved[6 * i:6 * i + 6]
             else:  # recompute = True: a second forward pass over this query block
                 _, (lse, kb, vbar, ub, LU, piv) = _query_block(qc, K, V, c, pos, bw, ridge,
                                                                block_size, True)

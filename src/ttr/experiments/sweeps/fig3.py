@@ -9,7 +9,7 @@ core), seconds per training step at P = 128, T = 1024: linear attention 0.53, de
 RLS 0.94, softmax attention 1.8, local linear attention 13.9 before this session's changes to
 its forward (its O(T^2 D^2) per-query second moments: 64 sequences x 1024^2 pairs x 64^2 per
 step; the op's forward + backward at that size went 11.2 -> 7.4 s, uncontended, and in
-session 14 by another ~22%: 21.3 -> 16.7 s on one thread beside a sweep). So a T = 1024
+session 14 by another ~25%: 13.2 -> 9.8 s on one thread beside a sweep). So a T = 1024
 run takes 0.3-1 hour for the first four layers and ~4-5 hours for local linear attention; in
 all about 30 core-hours for the first four layers and ~50 for local linear attention, ~35 of
 them its eight T = 1024 runs. The runs go cheapest first (the set of runs, and so their ids,
