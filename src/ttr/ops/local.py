@@ -189,9 +189,18 @@ def _fused(q, K, V, scale, bandwidth, Tc):
     mask = None
     if Tc > 0:
         mask = torch.arange(L, device=q.device) <= Tc + torch.arange(T, device=q.device)[:, None]
+    # 3. one head width for q, K and V (zero columns change no score and no output column):
+    #    SDPA's CPU flash kernel needs it and otherwise falls back to its math path, the whole
+    #    [T, L] weight matrix with a mask pass. With a bandwidth (Dk + 1 against Dv), one thread,
+    #    B = 64, T = 1024, D = 64, forward + backward: 0.86 -> 0.38 s of CPU time
+    dk, dv = q.shape[-1], V.shape[-1]
+    if dk < dv:
+        q, K = F.pad(q, (0, dv - dk)), F.pad(K, (0, dv - dk))
+    elif dv < dk:
+        V = F.pad(V, (0, dk - dv))
     o = F.scaled_dot_product_attention(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2),
                                        attn_mask=mask, is_causal=mask is None, scale=s)
-    return o.transpose(1, 2).to(out_dtype)
+    return o[..., :dv].transpose(1, 2).to(out_dtype)
 
 
 def _read(q, K, V, scale, bandwidth):
