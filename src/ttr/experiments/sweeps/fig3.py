@@ -4,17 +4,19 @@ in {1e-3, 3e-3, 1e-2, 3e-2}, 2000 steps of 64 sequences, 1000 test sequences; la
 attention, RLS, delta rule (L2-normalized keys and queries, as DeltaNet's), softmax attention
 and local linear attention (p = 1). 140 runs. quick: P = 64, T = 256, lr 1e-2, 500 steps of 32.
 
-Cost, measured (session 13, one thread per run, the 2-core Xeon with a second job on the other
-core), seconds per training step at P = 128, T = 1024: linear attention 0.53, delta rule 0.85,
-RLS 0.94, softmax attention 1.8, local linear attention 13.9 before this session's changes to
-its forward (its O(T^2 D^2) per-query second moments: 64 sequences x 1024^2 pairs x 64^2 per
-step; the op's forward + backward at that size went 11.2 -> 7.4 s, uncontended, and in
-session 14 by another ~25%: 13.2 -> 9.8 s on one thread beside a sweep). So a T = 1024
-run takes 0.3-1 hour for the first four layers and ~4-5 hours for local linear attention; in
-all about 30 core-hours for the first four layers and ~50 for local linear attention, ~35 of
-them its eight T = 1024 runs. The runs go cheapest first (the set of runs, and so their ids,
-does not depend on the order): a partial sweep holds the whole figure for the four fast layers
-before local linear attention's long runs.
+Cost, measured as CPU seconds per training step at P = 128, T = 1024 (session 14, one thread,
+the 2-core Xeon, `ttr.runtime.tune_allocator()` on; CPU time, as the wall time read 1.6-1.8x
+more beside a running sweep): linear attention 0.32, delta rule 0.57, RLS 0.63, softmax
+attention 0.64 (1.17 before SDPA got equal head widths and took its flash kernel; session 13
+read 1.8 s of wall time), local linear attention 6.6 (its O(T^2 D^2) per-query second moments:
+64 sequences x 1024^2 pairs x 64^2 per step; session 13 read 13.9 s of wall time before that
+session's and this session's changes to the op). So a T = 1024 run takes ~0.2-0.4 core-hours
+for the first four layers and ~3.7 for local linear attention; in all ~17 core-hours for the
+first four layers (28 runs each, the cost growing with T) and ~38 for local linear
+attention, ~29 of them its eight T = 1024 runs: ~28 hours with two workers. The runs go
+cheapest first (the set of runs, and so their ids, does not depend on the order): a partial
+sweep holds the whole figure for the four fast layers before local linear attention's long
+runs.
 """
 
 from ttr.experiments.mqar import LAYERS
