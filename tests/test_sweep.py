@@ -290,3 +290,33 @@ def test_report_plots_accuracy_against_T_and_d_model(tmp_path):
         assert files[key].stat().st_size > 0
     text = files["leaderboard"].read_text()
     assert "rls (recipe)" in text and "d=16 P=2 T=16" in text
+
+
+def test_a_partial_leaderboard_ranks_on_the_points_every_layer_has_finished():
+    """A layer missing a (harder) point must not rank on its easier points alone: the means
+    are over the points every layer has finished (all its planned learning rates), a point
+    with learning rates still to run is marked, and without a plan every point counts."""
+    def record(layer, T, lr, acc):
+        config = dict(layer=layer, source="recipe", variant="paper", d_model=8, num_pairs=2,
+                      seq_len=T, lr=lr)
+        return {"config": config, "result": dict(accuracy=acc, state_floats=64, params=1,
+                                                 chance=0.5)}
+
+    planned = [record(layer, T, lr, 0) for layer in ("linear_attention", "rls")
+               for T in (16, 32) for lr in (1e-3, 1e-2)]
+    done = [record("linear_attention", 16, lr, 1.0) for lr in (1e-3, 1e-2)] + [
+        record("linear_attention", 32, lr, 0.2) for lr in (1e-3, 1e-2)] + [
+        record("rls", 16, lr, 0.9) for lr in (1e-3, 1e-2)] + [record("rls", 32, 1e-3, 0.1)]
+    text = "\n".join(leaderboard._mqar_section(leaderboard.mqar_rows(done, planned)))
+    assert "mean over the 1 of 2 grid points that every layer has finished (d=8 P=2 T=16)" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| linear_attention (recipe)") or line.startswith("| rls (recipe)")}
+    assert rows["linear_attention (recipe)"].rstrip(" |").endswith("100.0%")
+    assert rows["rls (recipe)"].rstrip(" |").endswith("90.0%")
+    assert "| 10.0%* |" in rows["rls (recipe)"]
+    # the first table ranks linear attention above RLS on the common point
+    assert text.index("| linear_attention (recipe)") < text.index("| rls (recipe)")
+    # without a plan every point counts: means over both
+    text = "\n".join(leaderboard._mqar_section(leaderboard.mqar_rows(done)))
+    assert "mean over the grid points;" in text and "*" not in text.split("Design axes")[0]
+    assert "| 60.0% |" in text and "| 50.0% |" in text

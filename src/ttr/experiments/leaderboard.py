@@ -7,7 +7,8 @@ Written into RESULTS_DIR:
                          grid point; per online-regression variant the mean loss per phase;
                          and a design-axis table per part: for each value of each axis, the
                          layers that take it and their mean and best score, which is where one
-                         reads which choice moves recall.
+                         reads which choice moves recall; for MQAR also per grid point (where
+                         the choices matter: below or above capacity).
   mqar.csv, regression.csv   the same numbers, one row per (layer, grid point).
   mqar_vs_T.png          accuracy vs T, one panel per (variant, P) (only if T varies per P)
   mqar_vs_d.png          accuracy vs d_model, one panel per (variant, P, T) (if d varies)
@@ -15,7 +16,9 @@ Written into RESULTS_DIR:
   regression_<variant>.png  loss vs t, one line per layer, families by colour.
 
 MQAR scores are the best test accuracy over the learning rates of a grid point, as zoology
-reports them.
+reports them. In a partial sweep a point some of whose learning rates are still to run is
+marked, and the layers' means (and the axis table built on them) are taken over the points
+every layer has finished, so that a layer missing the harder points does not rank higher.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import math
 import statistics
 import textwrap
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 from ttr.experiments.report import markdown_table
@@ -66,18 +70,34 @@ def _name(record: dict) -> str:
     return layer if c["source"] == "catalog" else f"{layer} ({c['source']})"
 
 
-def mqar_rows(records: list[dict]) -> list[dict]:
-    """One row per (layer, variant, d_model, P, T): the best accuracy over learning rates."""
+def _mqar_key(record: dict) -> tuple:
+    c = record["config"]
+    return (_name(record), c["variant"], c["d_model"], c["num_pairs"], c["seq_len"])
+
+
+def mqar_rows(records: list[dict], planned: list[dict] | None = None) -> list[dict]:
+    """One row per (layer, variant, d_model, P, T): the best accuracy over learning rates.
+
+    planned: the sweep's MQAR run records-to-be ({"config": ...}), if known; a row is then
+    `complete` when every run planned at its point has finished (else its best is over the
+    learning rates finished so far). Without a plan every row counts as complete."""
     best: dict[tuple, dict] = {}
+    done: dict[tuple, int] = defaultdict(int)
     for r in records:
         c, res = r["config"], r["result"]
-        key = (_name(r), c["variant"], c["d_model"], c["num_pairs"], c["seq_len"])
+        key = _mqar_key(r)
+        done[key] += 1
         if key not in best or res["accuracy"] > best[key]["accuracy"]:
             best[key] = dict(layer=key[0], source=c["source"], variant=key[1], d_model=key[2],
                              num_pairs=key[3], seq_len=key[4], accuracy=res["accuracy"],
                              lr=c["lr"], state_floats=res["state_floats"],
                              params=res["params"], chance=res["chance"],
                              **choices(c["layer"], c["source"]))
+    want: dict[tuple, int] = defaultdict(int)
+    for r in planned or ():
+        want[_mqar_key(r)] += 1
+    for key, row in best.items():
+        row["complete"] = planned is None or done[key] >= want[key]
     return sorted(best.values(), key=lambda x: (x["variant"], x["layer"], x["d_model"],
                                                 x["num_pairs"], x["seq_len"]))
 
@@ -133,28 +153,77 @@ def _mqar_section(rows: list[dict]) -> list[str]:
         per_layer = defaultdict(dict)
         for r in vr:
             per_layer[r["layer"]][r["d_model"], r["num_pairs"], r["seq_len"]] = r
-        mean = {layer: statistics.mean(r["accuracy"] for r in pts.values())
-                for layer, pts in per_layer.items()}
+        # a layer's mean is over the grid points that every layer has finished, so that no
+        # layer's mean leaves out the harder points the others are scored on
+        common = [p for p in points
+                  if all(p in pts and pts[p]["complete"] for pts in per_layer.values())]
+        scored = common or points
+        mean = {layer: statistics.mean(pts[p]["accuracy"] for p in scored if p in pts)
+                for layer, pts in per_layer.items() if any(p in pts for p in scored)}
         table = []
-        for layer in sorted(per_layer, key=lambda n: -mean[n]):
+        for layer in sorted(per_layer, key=lambda n: -mean.get(n, -1.0)):
             pts = per_layer[layer]
             first = next(iter(pts.values()))
             state = pts[points[0]]["state_floats"] if points[0] in pts else first["state_floats"]
             table.append([layer, first["family"], *(first[a] for a in AXES), f"{state:,}",
-                          *(_pct(pts[p]["accuracy"]) if p in pts else "-" for p in points),
-                          _pct(mean[layer])])
+                          *(_cell(pts.get(p)) for p in points),
+                          _pct(mean[layer]) if layer in mean else "-"])
         chance = vr[0]["chance"]
+        if len(common) == len(points):
+            over = "the grid points"
+        elif common:
+            over = (f"the {len(common)} of {len(points)} grid points that every layer has "
+                    f"finished ({', '.join(_point(p) for p in common)})")
+        else:
+            over = ("each layer's own grid points (no point has finished for every layer yet, "
+                    "so these means are not comparable)")
+        partial = any(not r["complete"] for r in vr)
         lines += [f"### MQAR, {variant} variant", "",
                   f"Best accuracy over learning rates (chance {_pct(chance)}); state size in "
-                  f"floats per sequence at the first grid point; layers by mean accuracy.", "",
+                  f"floats per sequence at the first grid point; mean over {over}; layers by "
+                  "mean accuracy." + (" `*`: not every learning rate of that point has "
+                                      "finished yet." if partial else ""), "",
                   markdown_table(["layer", "family", *AXES, "state",
-                                  *(f"d={d} P={p} T={t}" for d, p, t in points), "mean"],
-                                 table), "",
-                  f"Design axes ({variant}): mean accuracy over the grid points per layer, "
-                  "then over the layers taking each choice.", "",
+                                  *(_point(p) for p in points), "mean"], table), "",
+                  f"Design axes ({variant}): the layers' means above, averaged over the layers "
+                  "taking each choice.", "",
                   _axis_table([dict(per_layer[n][next(iter(per_layer[n]))], accuracy=mean[n])
-                               for n in per_layer], "accuracy", True, _pct), ""]
+                               for n in mean], "accuracy", True, _pct), "",
+                  f"Design axes ({variant}) by grid point: mean accuracy of the layers taking "
+                  "each choice that have finished the point (their count in brackets when "
+                  "not all of them have).", "",
+                  _axis_by_point(per_layer, points), ""]
     return lines
+
+
+def _point(p: tuple) -> str:
+    return f"d={p[0]} P={p[1]} T={p[2]}"
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    return _pct(row["accuracy"]) + ("" if row["complete"] else "*")
+
+
+def _axis_by_point(per_layer: dict, points: list) -> str:
+    """Rows: each value of each axis; columns: grid points; cells: the mean best accuracy of
+    the (non-baseline) layers with that value whose runs at the point have all finished."""
+    out = []
+    for axis in AXES:
+        groups = defaultdict(list)
+        for pts in per_layer.values():
+            first = next(iter(pts.values()))
+            if first["family"] != "baseline":
+                groups[first[axis]].append(pts)
+        for value, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            cells = []
+            for p in points:
+                accs = [pts[p]["accuracy"] for pts in members if p in pts and pts[p]["complete"]]
+                cells.append("-" if not accs else _pct(statistics.mean(accs))
+                             + ("" if len(accs) == len(members) else f" ({len(accs)})"))
+            out.append([axis, value, len(members), *cells])
+    return markdown_table(["axis", "choice", "layers", *(_point(p) for p in points)], out)
 
 
 def _regression_section(rows: list[dict]) -> list[str]:
@@ -347,12 +416,15 @@ def write(out_dir: Path, command: str = "") -> dict:
 
     try:
         experiment = get_experiment(meta.get("spec", meta["experiment"]))
-        planned = len(plan(experiment, meta["mode"] == "quick"))
+        planned_runs = plan(experiment, meta["mode"] == "quick")
     except (ValueError, OSError):  # a user's experiment file that has moved or changed
-        experiment, planned = None, None
+        experiment, planned_runs = None, None
+    planned = None if planned_runs is None else len(planned_runs)
     # what the experiment says its numbers do not show (module attribute CAVEATS: list[str])
     caveats = list(getattr(experiment, "CAVEATS", ()))
-    mq = mqar_rows([r for r in records if r["task"] == "mqar"])
+    mq = mqar_rows([r for r in records if r["task"] == "mqar"],
+                   None if planned_runs is None else
+                   [{"config": asdict(r.config)} for r in planned_runs if r.task == "mqar"])
     rg = regression_rows([r for r in records if r["task"] == "online_regression"])
     hours = sum(r["seconds"] for r in records) / 3600
     done = f"{len(records)} of {planned}" if planned else f"{len(records)}"
