@@ -633,22 +633,27 @@ def test_factored_chunk_backward_equals_autograd(written_out_equals_autograd, ha
 @pytest.mark.parametrize("op", ["linear_attention", "delta_rule"])
 def test_written_out_backward_takes_a_broadcast_gradient(op):
     """o.sum() hands the written-out backwards (`_FactoredChunk`, `_FactoredDelta`) a gradient
-    of stride 0, which they make contiguous before their batched matmuls: the gradients equal
-    those of the same ones materialized."""
+    of stride 0, which they make contiguous before their batched matmuls: no bmm falls back to
+    one addmm_ per chunk (what a zero-stride operand makes it do), and the gradients equal those
+    of the same ones materialized."""
     gen = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(1, 70, 2, 4, generator=gen) for _ in range(3))
+    # large enough a matrix (D = 16) that bmm takes its BLAS path, which loops on such operands
+    q, k, v = (torch.randn(1, 128, 2, 16, generator=gen) for _ in range(3))
     k = F.normalize(k, dim=-1)
-    beta = torch.rand(1, 70, 2, generator=gen)
+    beta = torch.rand(1, 128, 2, generator=gen)
     fn = linear_attention if op == "linear_attention" else (
         lambda q, k, v, **kw: delta_rule(q, k, v, beta, **kw))
 
     def grads(materialize):
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
-        o, _ = fn(*xs, form="chunk", chunk_size=16)
+        o, _ = fn(*xs, form="chunk", chunk_size=32)
         if materialize:
             o.backward(torch.ones_like(o))
         else:
-            o.sum().backward()
+            with torch.profiler.profile() as prof:
+                o.sum().backward()
+            names = [e.name for e in prof.events()]
+            assert "aten::bmm" in names and "aten::addmm_" not in names
         return [x.grad for x in xs]
 
     for a, b in zip(grads(False), grads(True), strict=True):

@@ -286,6 +286,7 @@ class _BlockedFn(torch.autograd.Function):
     def forward(ctx, q, K, V, Tc, bw, ridge, block_size, recompute):
         o, st = _blocked_forward(q, K, V, Tc, bw, ridge, block_size, stats=not recompute)
         ctx.save_for_backward(q, K, V, o, *(t for block in st or () for t in block))
+        ctx.per_block = len(st[0]) if st else 0  # statistics per query block
         ctx.args = (Tc, bw, ridge, block_size)
         return o
 
@@ -299,8 +300,9 @@ class _BlockedFn(torch.autograd.Function):
         do = do.contiguous()
         dq, dK, dV = torch.zeros_like(q), torch.zeros_like(K), torch.zeros_like(V)
         for i, (a, b, c, qc, pos) in enumerate(_query_blocks(q, Tc, block_size)):
-            if saved:  # the statistics of the forward pass, six per query block
-                lse, kb, vbar, ub, LU, piv = saved[6 * i:6 * i + 6]
+            if saved:  # the statistics of the forward pass, saved flat block after block
+                n = ctx.per_block
+                lse, kb, vbar, ub, LU, piv = saved[n * i:n * (i + 1)]
             else:  # recompute = True: a second forward pass over this query block
                 _, (lse, kb, vbar, ub, LU, piv) = _query_block(qc, K, V, c, pos, bw, ridge,
                                                                block_size, True)

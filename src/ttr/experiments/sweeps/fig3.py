@@ -5,7 +5,7 @@ attention, RLS, delta rule (L2-normalized keys and queries, as DeltaNet's), soft
 and local linear attention (p = 1). 140 runs. quick: P = 64, T = 256, lr 1e-2, 500 steps of 32.
 
 Cost, measured as CPU seconds per training step at P = 128, T = 1024 (session 14, one thread,
-the 2-core Xeon, `ttr.runtime.tune_allocator()` on; CPU time, as the wall time read 1.6-1.8x
+the 2-core Xeon, `ttr.runtime.tune_allocator()` on; CPU time, as the wall time read 1.5-1.7x
 more beside a running sweep): linear attention 0.32, delta rule 0.57, RLS 0.63, softmax
 attention 0.64 (1.17 before SDPA got equal head widths and took its flash kernel; session 13
 read 1.8 s of wall time), local linear attention 6.6 (its O(T^2 D^2) per-query second moments:
