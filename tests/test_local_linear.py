@@ -1,5 +1,6 @@
-"""local_linear_attention (p = 1 local polynomial, Eq. 52-54): naive vs reference, blocked vs
-naive, ridge vs a literal weighted ridge fit, large norms, gradients, state, packing, input."""
+"""local_linear_attention (p = 1 local polynomial, Eq. 52-54): the recurrent spec and the naive
+form vs reference, naive and blocked vs the spec, ridge vs a literal weighted ridge fit, decoding
+steps, large norms, gradients, state, packing, input."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ttr.ops.local_linear import local_linear_attention
+from ttr.ops.local_linear import local_linear_attention, local_linear_attention_step
 from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights
 from ttr.reference import solve
 from ttr.testing import assert_close
@@ -32,11 +33,59 @@ def qkv(B, T, H, Dk, Dv, dtype=F64, seed=0):
     pytest.param(37, 60, 20.0, id="T37-D60-bw20"),
     pytest.param(23, 4, 3.0, id="T23-D4-bw3"),
 ])
-def test_naive_equals_reference(T, Dk, bandwidth):
+@pytest.mark.parametrize("form", ["recurrent", "naive"])
+def test_equals_reference(form, T, Dk, bandwidth):
     q, k, v = qkv(2, T, 3, Dk, 5)
     recipe = Recipe(Weights.local(bandwidth), FunctionClass.local_polynomial(1), Optimizer.exact())
-    o, _ = local_linear_attention(q, k, v, bandwidth=bandwidth, form="naive")
-    assert_close(o, solve(recipe, q, k, v), F64, what="naive vs reference")
+    o, _ = local_linear_attention(q, k, v, bandwidth=bandwidth, form=form)
+    assert_close(o, solve(recipe, q, k, v), F64, what=f"{form} vs reference")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype, ridge", [
+    pytest.param(F64, 0.0, id="f64"), pytest.param(F64, 0.1, id="f64-ridge"),
+    pytest.param(torch.float32, 0.1, id="f32-ridge"),
+])
+def test_naive_equals_recurrent(dtype, ridge, causal):
+    """The moments form (centered, Eq. 54) against the spec's joint solve of Eq. 52-53, with a
+    cache of earlier keys."""
+    q, k, v = qkv(2, 19, 3, 12, 5, dtype)
+    cache = tuple(x[:, :6] for x in qkv(2, 6, 3, 12, 5, dtype, seed=1)[1:])
+    kw = {"ridge": ridge, "causal": causal, "initial_state": cache}
+    o_r, _ = local_linear_attention(q, k, v, form="recurrent", **kw)
+    o_n, _ = local_linear_attention(q, k, v, form="naive", **kw)
+    assert o_r.dtype == dtype
+    assert_close(o_n, o_r, dtype, what="naive vs recurrent")
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.2])
+def test_step_decoding_equals_the_forms(ridge):
+    """Token by token from an empty cache: the step's outputs equal the recurrent and the
+    blocked forms over the whole sequence, and its cache is every key and value seen."""
+    q, k, v = qkv(2, 11, 3, 6, 4)
+    state, outs = None, []
+    for t in range(q.shape[1]):
+        o_t, state = local_linear_attention_step(q[:, t], k[:, t], v[:, t], state,
+                                                 bandwidth=3.0, ridge=ridge)
+        assert o_t.shape == (2, 3, 4) and state[0].shape == (2, t + 1, 3, 6)
+        outs.append(o_t)
+    o = torch.stack(outs, 1)
+    for form in ("recurrent", "blocked"):
+        expected, _ = local_linear_attention(q, k, v, bandwidth=3.0, ridge=ridge, form=form,
+                                             block_size=4)
+        assert_close(o, expected, F64, what=f"steps vs {form}")
+    assert torch.equal(state[0], k) and torch.equal(state[1], v)
+
+
+def test_step_bad_input_names_argument():
+    q, k, v = qkv(2, 1, 2, 3, 3)
+    with pytest.raises(ValueError, match="v_t"):
+        local_linear_attention_step(q[:, 0], k[:, 0], v[:, 0, :1])
+    with pytest.raises(ValueError, match="state"):
+        local_linear_attention_step(q[:, 0], k[:, 0], v[:, 0],
+                                    (torch.zeros(2, 1, 2, 4), torch.zeros(2, 1, 2, 3)))
+    with pytest.raises(ValueError, match="ridge"):
+        local_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], ridge=-1.0)
 
 
 # float32 with ridge = 0 solves nearly singular normal equations (weights concentrate on a few
@@ -96,7 +145,7 @@ def literal_ridge(q, k, v, bandwidth, ridge):
     return out
 
 
-@pytest.mark.parametrize("form", ["naive", "blocked"])
+@pytest.mark.parametrize("form", ["recurrent", "naive", "blocked"])
 def test_ridge_equals_literal(form):
     q, k, v = qkv(2, 9, 2, 4, 3)
     expected = literal_ridge(q, k, v, 2.5, 0.3)
@@ -112,7 +161,7 @@ def test_large_norm_queries_stay_finite(ridge):
     assert torch.isfinite(o).all()
 
 
-@pytest.mark.parametrize("form", ["naive", "blocked"])
+@pytest.mark.parametrize("form", ["recurrent", "naive", "blocked"])
 def test_gradcheck(form):
     q, k, v = (x.requires_grad_() for x in qkv(1, 5, 2, 3, 2))
     fn = lambda q, k, v: local_linear_attention(q, k, v, ridge=0.2, form=form, block_size=2)[0]
@@ -156,7 +205,7 @@ def test_blocked_backward_by_recomputation(causal, cache, recompute):
     assert torch.autograd.gradcheck(fn("blocked"), args)
 
 
-@pytest.mark.parametrize("form", ["naive", "blocked"])
+@pytest.mark.parametrize("form", ["recurrent", "naive", "blocked"])
 def test_state_carry_over(form):
     q, k, v = qkv(2, 21, 2, 6, 4)
     kw = {"form": form, "block_size": 8, "ridge": 0.05}
@@ -198,6 +247,7 @@ def test_default_bandwidth_is_eq51():
     ({"ridge": -1.0}, "ridge", ValueError),
     ({"ridge": float("nan")}, "ridge", ValueError),
     ({"form": "chunk"}, "form", ValueError),
+    ({"form": "parallel"}, "form", ValueError),
     ({"block_size": 0}, "block_size", ValueError),
     ({"initial_state": torch.zeros(2, 3)}, "initial_state", TypeError),
     ({"cu_seqlens": torch.tensor([0, 2])}, "cu_seqlens", ValueError),

@@ -119,6 +119,8 @@ CAPS = {
     ("rls_decay", "parallel"): (2048, "O(T Dk^2) memory"),
     ("softmax_attention", "recurrent"): (512, "a Python loop whose backward is O(T^2)"),
     ("local_linear_attention", "naive"): (4096, "O(T^2 (1 + D)) memory"),
+    ("local_linear_attention", "recurrent"): (512, "a Python loop over queries, O(T^2 D^2) "
+                                                   "work and an autograd graph per query"),
     # O(T^2 (Dk^2 + Dk Dv)) work: the T = 8192, 16-head case (6 forward and 6 forward+backward
     # calls) had not finished after 15 minutes
     ("local_linear_attention", "blocked"): (2048, "O(T^2 D^2) time: minutes per call at 8192"),
@@ -231,6 +233,10 @@ def _local_linear_backward(T, K, V, pairs):
 FLOPS[("local_linear_attention", "blocked")] = \
     lambda T, C, K, V: _local_linear_blocked(T, K, V, T * T / 2)
 FLOPS[("local_linear_attention", "naive")] = lambda T, C, K, V: _local_linear(T, K, V, T * T)
+# the spec forms each query's G and R over the keys it sees (T^2 / 2 pairs, G in full) and
+# solves with Dv right-hand sides: the naive form's count on the causal pairs
+FLOPS[("local_linear_attention", "recurrent")] = lambda T, C, K, V: _local_linear(T, K, V,
+                                                                                T * T / 2)
 FLOPS[("local_linear_attention_recompute", "blocked")] = \
     FLOPS[("local_linear_attention", "blocked")]
 # Forward+backward FLOPs where they are not 3x the forward.
