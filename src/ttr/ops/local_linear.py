@@ -33,8 +33,9 @@ Forms
            the keys it sees, G and R from them, theta = G^-1 R (pinv with ridge = 0). The
            decoding step `local_linear_attention_step` is this form on one query.
   naive    the full weight matrix [B, H, T, T] and the moments as matmuls over all keys.
-  blocked  FlashAttention-style: per query block, stream the key blocks up to the diagonal with
-           an online max of the log-weights, and solve the per-query systems at the end. Peak
+  blocked  FlashAttention-style (`local_linear_blocked`): per query block, stream the key
+           blocks up to the diagonal (once for the row max of the log-weights, once for the
+           moments under it), and solve the per-query systems at the end. Peak
            extra memory O(Bq Dk (Dk + Dv)) per (batch, head). With ridge > 0 it makes a second
            pass instead of streaming the v k^T moments and solves one right-hand side per
            query (`_query_block`), and its backward is `_BlockedFn`'s: recomputation from

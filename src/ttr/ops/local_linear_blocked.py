@@ -13,7 +13,7 @@ from ttr.ops.local_linear_moments import _intercept, _moments, _packed_outer, _u
 
 
 def _blocked(q, K, V, Tc, bw, ridge, block_size, recompute):
-    """Per query block: online-max streaming of the key moments, then the per-query solve.
+    """Per query block: the key moments streamed under the row max, then the per-query solve.
     With ridge > 0 and gradients needed, the backward pass is `_BlockedFn`'s (recomputation);
     ridge = 0 goes through pinv, which autograd differentiates through the loop."""
     if ridge > 0 and torch.is_grad_enabled() and any(x.requires_grad for x in (q, K, V)):
