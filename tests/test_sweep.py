@@ -320,3 +320,32 @@ def test_a_partial_leaderboard_ranks_on_the_points_every_layer_has_finished():
     text = "\n".join(leaderboard._mqar_section(leaderboard.mqar_rows(done)))
     assert "mean over the grid points;" in text and "*" not in text.split("Design axes")[0]
     assert "| 60.0% |" in text and "| 50.0% |" in text
+
+
+def test_plot_names_do_not_overprint():
+    """A dozen layers failing at one point (as at d_model 32, P = 64) get their names one above
+    the other, each joined to its point, instead of one overprinted block; the boxes of names
+    at different x clear each other too."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    fig = Figure(figsize=(4.6, 3.6))
+    ax = fig.subplots()
+    labels = [(f"layer_{i}", 32.0, 0.02 + 0.004 * i) for i in range(12)]
+    labels += [("neighbour", 34.0, 0.03), ("alone", 128.0, 0.5)]
+    ax.scatter([x for _, x, _ in labels], [y for *_, y in labels])
+    ax.set_xscale("log", base=2)
+    ax.set(xlim=(24, 160), ylim=(-0.02, 1.02))
+    leaderboard._place_labels(ax, labels)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # places the names (an annotation resolves its position when drawn)
+    renderer = canvas.get_renderer()
+    texts = {t.get_text(): t for t in ax.texts}
+    assert set(texts) == {name for name, *_ in labels}
+    # the text alone (an annotation's own extent takes in its leader line)
+    boxes = [Text.get_window_extent(t, renderer).shrunk(0.98, 0.85) for t in texts.values()]
+    overlaps = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    assert not overlaps
+    assert texts["alone"].arrow_patch is None  # a name with room stays at its point
+    assert texts["layer_11"].arrow_patch is not None

@@ -271,13 +271,44 @@ def _figure(n_panels: int, width: float = 4.6, height: float = 3.6):
 LABEL_BELOW = 0.97
 
 
-def _label(ax, name: str, x, y) -> None:
-    ax.annotate(name, (x, y), fontsize=6, alpha=0.8, xytext=(3, 2), textcoords="offset points")
+LABEL_GAP = 0.035  # height of a name, in axes fractions (6 pt text on a ~250 pt high axis)
+
+
+def _place_labels(ax, labels: list[tuple[str, float, float]]) -> None:
+    """Name the points (name, x, y) of one panel without overlapping names. Call it once the
+    panel's scales and limits are set. Each name goes right of its point, at the nearest
+    height (stepping by LABEL_GAP up, then down) where its box, estimated from its length,
+    clears the names placed before it, lowest points first; a moved name gets a thin line to
+    its point. Written at the points themselves, the layers that failed together (a dozen near
+    chance at one d_model, or at one state size) overprinted into one unreadable block."""
+    to_axes = ax.transData + ax.transAxes.inverted()
+    box = ax.get_window_extent()
+    char = 3.3 * ax.figure.dpi / 72 / max(box.width, 1.0)  # a 6 pt character, axes fraction
+    pad = 4 * ax.figure.dpi / 72 / max(box.width, 1.0)  # the name starts 4 pt right
+    placed: list[tuple[float, float, float]] = []  # (x0, x1, y) of the names so far
+
+    def free(x0, x1, y):
+        return all(x1 <= a or x0 >= b or abs(y - c) >= LABEL_GAP for a, b, c in placed)
+
+    steps = [k for j in range(40) for k in ((j, -j) if j else (0,))]  # 0, 1, -1, 2, -2, ...
+    for name, x, y in sorted(labels, key=lambda t: (t[2], t[1])):
+        fx, fy = to_axes.transform((x, y))
+        x0, x1 = fx + pad, fx + pad + char * len(name)
+        ty = next((fy + k * LABEL_GAP for k in steps
+                   if 0.0 <= fy + k * LABEL_GAP <= 1.0 and free(x0, x1, fy + k * LABEL_GAP)),
+                  fy)
+        placed.append((x0, x1, ty))
+        moved = abs(ty - fy) > 1e-9
+        ax.annotate(name, (x, y), xytext=(x0, ty), textcoords="axes fraction",
+                    fontsize=6, alpha=0.8, ha="left", va="center", annotation_clip=False,
+                    arrowprops=dict(arrowstyle="-", lw=0.4, alpha=0.5,
+                                    shrinkA=0, shrinkB=2) if moved else None)
 
 
 def _note_unlabelled(ax) -> None:
-    ax.text(0.01, 0.01, f"unlabelled: >= {LABEL_BELOW:.0%}", fontsize=6, alpha=0.7,
-            transform=ax.transAxes, ha="left", va="bottom")
+    """Say which layers carry names, under the axis (inside it the note sat on the names of
+    the layers near 0)."""
+    ax.set_xlabel(f"{ax.get_xlabel()}   (named: layers below {LABEL_BELOW:.0%})")
 
 
 def _legend(fig, axes) -> None:
@@ -319,6 +350,7 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
             sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]
             seen = set()  # legend by family; the layers below LABEL_BELOW named at their lowest
             # point (where the line stands apart from the crowd at the top)
+            labels = []
             for layer in sorted({r["layer"] for r in sel}):
                 pts = sorted((r["d_model"], r["accuracy"]) for r in sel if r["layer"] == layer)
                 fam = next(r["family"] for r in sel if r["layer"] == layer)
@@ -328,13 +360,14 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
                 seen.add(fam)
                 low = min(pts, key=lambda p: p[1])
                 if low[1] < LABEL_BELOW:
-                    _label(ax, layer, *low)
+                    labels.append((layer, *low))
             ax.set_xscale("log", base=2)
             ds = sorted({r["d_model"] for r in sel})
             ax.set_xticks(ds, [str(d) for d in ds])
             ax.set(title="{}, P = {}, T = {}".format(*point), xlabel="d_model",
                    ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
+            _place_labels(ax, labels)
             _note_unlabelled(ax)
         _legend(fig, axes)
         written.append(out_dir / "mqar_vs_d.png")
@@ -346,14 +379,13 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
             fs = [r for r in sel if r["family"] == fam]
             ax.scatter([r["state_floats"] for r in fs], [r["accuracy"] for r in fs], s=18,
                        label=fam, color=FAMILY_COLORS.get(fam))
-            for r in fs:
-                if r["accuracy"] < LABEL_BELOW:
-                    _label(ax, r["layer"], r["state_floats"], r["accuracy"])
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^4, 3x10^4, ... ran together
         ax.set(title="{}, P = {}, T = {}".format(*point), xlabel="recurrent state (floats)",
                ylabel="accuracy (best lr)", ylim=(-0.02, 1.05))
         ax.grid(alpha=0.3)
+        _place_labels(ax, [(r["layer"], r["state_floats"], r["accuracy"]) for r in sel
+                           if r["accuracy"] < LABEL_BELOW])
         _note_unlabelled(ax)
     _legend(fig, axes)
     written.append(out_dir / "mqar_vs_state.png")
