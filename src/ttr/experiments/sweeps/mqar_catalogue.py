@@ -17,17 +17,17 @@ trainings shared them, and 24 min 22 s on 2 otherwise idle cores of an AVX2 AMD 
 (session 12, `-j 2 --threads 1`), results in docs/results/sweeps/mqar_catalogue-quick.
 full: d_model in {32, 64, 128} x lr in {1e-3, 3e-3, 1e-2} x 600 steps; zoology (P, T) in
 {(8, 64), (16, 128)}, paper (P, T) in {(32, 64), (64, 128)}: 1188 runs, one thread each, two
-workers on 2 cores. Wall time, measured (per-run seconds summed; on three kinds of CPU, the
-Intel Xeon and the AMD EPYCs of sessions 8, 11 and 12, whose fp32 matmuls are ~3x slower; the
-seconds include minutes paused by SIGSTOP during benchmarks), at 954 of 1188 runs (session 14):
-  - d_model 64, both variants (396 runs): 9.0 core-hours (zoology 6.9, paper 2.1); the
-    entries' median runs range from 14 s (softmax attention) to 400 s (titans);
-  - d_model 128: zoology 14.4 core-hours (mostly on the EPYCs; mesanet up to 3347 s a run),
-    paper 6.0 (the Xeon; titans a median 1154 s a run, most entries 14-76 s);
-  - d_model 32: zoology, 162 of 198 runs, 1.7 core-hours (median 27 s);
-  - so the whole sweep is ~33 core-hours, ~17 hours on 2 cores. The slowest entries are
-    titans, ttt_mlp, mesanet and local_linear (their one-thread steps at d_model 128, T = 128:
-    0.5-2.3 s against 76-310 ms for most).
+workers on 2 cores. Compute, measured (per-run seconds summed over the finished sweep, sessions
+8-15, on three kinds of CPU: the Intel Xeon and the AMD EPYCs of sessions 8, 11 and 12, whose
+fp32 matmuls are ~3x slower; the seconds include minutes paused by SIGSTOP during benchmarks):
+  - d_model 32: zoology 2.1 core-hours (median 28 s a run), paper 1.4 (median 15 s);
+  - d_model 64: zoology 6.9 (median 74 s), paper 2.1 (median 23 s); the entries' median runs
+    range from 14 s (softmax attention) to 400 s (titans);
+  - d_model 128: zoology 14.4 (mostly on the EPYCs; mesanet up to 3347 s a run), paper 6.0
+    (the Xeon; titans a median 1154 s a run, most entries 14-76 s);
+  - in all 33.0 core-hours, ~17 hours on 2 cores. The slowest entries are titans, ttt_mlp,
+    mesanet and local_linear (their one-thread steps at d_model 128, T = 128: 0.5-2.3 s
+    against 76-310 ms for most).
 It resumes, so it runs in pieces, in the order below; the finished runs are in
 docs/results/sweeps/mqar_catalogue-full.
 """
