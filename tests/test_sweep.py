@@ -17,7 +17,7 @@ import torch
 
 from ttr import catalog
 from ttr.cli import main
-from ttr.experiments import leaderboard
+from ttr.experiments import leaderboard, leaderboard_plots
 from ttr.experiments.online_regression import METHODS
 from ttr.experiments.sweep_tasks import (
     MQARRun,
@@ -337,7 +337,7 @@ def test_plot_names_do_not_overprint():
     ax.scatter([x for _, x, _ in labels], [y for *_, y in labels])
     ax.set_xscale("log", base=2)
     ax.set(xlim=(24, 160), ylim=(-0.02, 1.02))
-    leaderboard._place_labels(ax, labels)
+    leaderboard_plots._place_labels(ax, labels)
     canvas = FigureCanvasAgg(fig)
     canvas.draw()  # places the names (an annotation resolves its position when drawn)
     renderer = canvas.get_renderer()
@@ -349,3 +349,29 @@ def test_plot_names_do_not_overprint():
     assert not overlaps
     assert texts["alone"].arrow_patch is None  # a name with room stays at its point
     assert texts["layer_11"].arrow_patch is not None
+
+
+def test_matched_pairs_compare_layers_that_differ_on_one_axis():
+    """Only pairs differing on exactly one axis count, each read along AXIS_ORDER (the
+    simpler choice first), with deltas per grid point over the points both have finished."""
+    def row(w, o, acc, complete=True):
+        return {"family": "f", "weights": w, "function class": "linear", "optimizer": o,
+                "accuracy": acc, "complete": complete}
+
+    p1, p2 = (32, 8, 64), (64, 8, 64)
+    per_layer = {
+        "zeta": {p1: row("uniform", "1 GD step from 0", 0.5), p2: row("uniform",
+                                                                       "1 GD step from 0", 0.6)},
+        "alpha": {p1: row("uniform", "exact", 0.9), p2: row("uniform", "exact", 1.0, False)},
+        "mid": {p1: row("geometric", "exact", 0.7), p2: row("geometric", "exact", 0.7)},
+    }
+    summary, detail = leaderboard._matched_pairs(per_layer, [p1, p2])
+    lines = [line for line in summary.splitlines()[2:]]
+    assert lines == [
+        "| weights | uniform -> geometric | 1 | -20.0 | - | -20.0 |",
+        "| optimizer | 1 GD step from 0 -> exact | 1 | +40.0 | - | +40.0 |",
+    ]
+    assert "| optimizer | zeta -> alpha | +40.0 | - | +40.0 |" in detail  # zeta has the
+    # simpler optimizer, so it comes first although its name sorts last
+    assert "zeta -> mid" not in detail and "mid -> zeta" not in detail  # two axes differ
+    assert leaderboard._matched_pairs({"a": per_layer["alpha"]}, [p1]) == ("", "")

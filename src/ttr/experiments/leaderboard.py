@@ -8,12 +8,15 @@ Written into RESULTS_DIR:
                          and a design-axis table per part: for each value of each axis, the
                          layers that take it and their mean and best score, which is where one
                          reads which choice moves recall; for MQAR also per grid point (where
-                         the choices matter: below or above capacity).
+                         the choices matter: below or above capacity), and matched pairs: the
+                         layers whose choices differ on one axis only, the accuracy change that
+                         goes with that one choice, the other two held fixed.
   mqar.csv, regression.csv   the same numbers, one row per (layer, grid point).
   mqar_vs_T.png          accuracy vs T, one panel per (variant, P) (only if T varies per P)
   mqar_vs_d.png          accuracy vs d_model, one panel per (variant, P, T) (if d varies)
   mqar_vs_state.png      accuracy vs recurrent state size (zoology's recall-vs-memory plot)
   regression_<variant>.png  loss vs t, one line per layer, families by colour.
+(the plots: `ttr.experiments.leaderboard_plots`)
 
 MQAR scores are the best test accuracy over the learning rates of a grid point, as zoology
 reports them. In a partial sweep a point some of whose learning rates are still to run is
@@ -24,18 +27,26 @@ every layer has finished, so that a layer missing the harder points does not ran
 from __future__ import annotations
 
 import csv
+import itertools
 import json
-import math
 import statistics
-import textwrap
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
+from ttr.experiments.leaderboard_plots import plot_mqar, plot_regression
 from ttr.experiments.report import markdown_table
 from ttr.sweep import finished
 
 AXES = ("weights", "function class", "optimizer")
+# Each axis's values from the simplest choice to the most capable, the direction in which the
+# matched-pair table reads a change (values not listed sort after these, by name).
+AXIS_ORDER = {
+    "weights": ("uniform", "geometric", "geometric per-dim", "local"),
+    "function class": ("linear", "linear + LN, residual", "features", "MLP", "kernel",
+                       "local polynomial p=0", "local polynomial p=1"),
+    "optimizer": ("1 GD step from 0", "online SGD", "exact"),
+}
 # The paper's Fig. 2 / Fig. 3 layers that are bare recipes rather than catalogue entries.
 RECIPE_CHOICES = {
     "linear_attention": ("uniform", "linear", "1 GD step from 0", "linear attention"),
@@ -47,9 +58,6 @@ RECIPE_CHOICES = {
     "unnormalized_softmax": ("uniform", "kernel", "1 GD step from 0", "nonparametric"),
     "naive": ("-", "-", "-", "baseline"),
 }
-FAMILY_COLORS = {"linear attention": "tab:blue", "geometric decay": "tab:orange",
-                 "online SGD": "tab:green", "exact second order": "tab:red",
-                 "nonparametric": "tab:purple", "baseline": "tab:gray"}
 
 
 def choices(layer: str, source: str) -> dict:
@@ -193,7 +201,73 @@ def _mqar_section(rows: list[dict]) -> list[str]:
                   "each choice that have finished the point (their count in brackets when "
                   "not all of them have).", "",
                   _axis_by_point(per_layer, points), ""]
+        summary, detail = _matched_pairs(per_layer, points)
+        if summary:
+            lines += [f"Matched pairs ({variant}): layers whose choices differ on one axis "
+                      "only, the other two held fixed. Delta = the second layer's best accuracy "
+                      "minus the first's, in percentage points, averaged over the pairs at "
+                      "each grid point both have finished; the last column averages over "
+                      "pairs and points. The layers of a pair still differ in what the axes "
+                      "do not record (feature map, parameterization, state size).", "",
+                      summary, "", "<details><summary>Every pair</summary>", "", detail, "",
+                      "</details>", ""]
     return lines
+
+
+def _rank(axis: str, value: str) -> tuple:
+    order = AXIS_ORDER.get(axis, ())
+    return (order.index(value), "") if value in order else (len(order), value)
+
+
+def _pp(x: float) -> str:
+    """A difference of accuracies in percentage points, signed ("+0.0" for |x| < 0.05)."""
+    return f"{100 * x:+.1f}" if abs(100 * x) >= 0.05 else "+0.0"
+
+
+def _matched_pairs(per_layer: dict, points: list) -> tuple[str, str]:
+    """The controlled comparison the axis tables cannot make: every pair of (non-baseline)
+    layers whose three choices differ on exactly one axis, ordered along AXIS_ORDER. Returns
+    (a table per change of choice: pairs and mean delta per grid point; a table per pair), or
+    ("", "") when no pair exists."""
+    first = {n: next(iter(pts.values())) for n, pts in per_layer.items()}
+    layers = sorted(n for n, r in first.items() if r["family"] != "baseline")
+    pairs = defaultdict(list)  # (axis, from, to) -> [(layer a, layer b)]
+    for a, b in itertools.combinations(layers, 2):
+        differ = [ax for ax in AXES if first[a][ax] != first[b][ax]]
+        if len(differ) != 1:
+            continue
+        ax = differ[0]
+        if _rank(ax, first[a][ax]) > _rank(ax, first[b][ax]):
+            a, b = b, a
+        pairs[ax, first[a][ax], first[b][ax]].append((a, b))
+
+    def delta(a, b, p):
+        ra, rb = per_layer[a].get(p), per_layer[b].get(p)
+        if ra and rb and ra["complete"] and rb["complete"]:
+            return rb["accuracy"] - ra["accuracy"]
+        return None
+
+    summary, detail = [], []
+    for (ax, old, new), members in sorted(pairs.items(), key=lambda kv: (
+            AXES.index(kv[0][0]), _rank(kv[0][0], kv[0][1]), _rank(kv[0][0], kv[0][2]))):
+        cells, every = [], []
+        for p in points:
+            ds = [d for a, b in members if (d := delta(a, b, p)) is not None]
+            every += ds
+            cells.append("-" if not ds else _pp(statistics.mean(ds))
+                         + ("" if len(ds) == len(members) else f" ({len(ds)})"))
+        summary.append([ax, f"{old} -> {new}", len(members), *cells,
+                        _pp(statistics.mean(every)) if every else "-"])
+        for a, b in members:
+            ds = [delta(a, b, p) for p in points]
+            done = [d for d in ds if d is not None]
+            detail.append([ax, f"{a} -> {b}", *("-" if d is None else _pp(d) for d in ds),
+                           _pp(statistics.mean(done)) if done else "-"])
+    if not summary:
+        return "", ""
+    cols = [_point(p) for p in points]
+    return (markdown_table(["axis", "change", "pairs", *cols, "mean"], summary),
+            markdown_table(["axis", "pair", *cols, "mean"], detail))
 
 
 def _point(p: tuple) -> str:
@@ -252,185 +326,6 @@ def _write_csv(path: Path, rows: list[dict], drop=("curve", "raw_curve")) -> Non
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-
-
-def _figure(n_panels: int, width: float = 4.6, height: float = 3.6):
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
-    cols = min(n_panels, 3)
-    rows = -(-n_panels // cols)
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[n_panels:]:  # the grid's unused cells: no empty frames
-        ax.remove()
-    return fig, axes[:n_panels]
-
-
-# Recall plots name only the layers below this accuracy: at the top dozens of names overlap
-# into an unreadable bar, and those layers are in the leaderboard's table anyway.
-LABEL_BELOW = 0.97
-
-
-LABEL_GAP = 0.035  # height of a name, in axes fractions (6 pt text on a ~250 pt high axis)
-
-
-def _place_labels(ax, labels: list[tuple[str, float, float]]) -> None:
-    """Name the points (name, x, y) of one panel without overlapping names. Call it once the
-    panel's scales and limits are set. Each name goes right of its point, at the nearest
-    height (stepping by LABEL_GAP up, then down) where its box, estimated from its length,
-    clears the names placed before it, lowest points first; a moved name gets a thin line to
-    its point. Written at the points themselves, the layers that failed together (a dozen near
-    chance at one d_model, or at one state size) overprinted into one unreadable block."""
-    to_axes = ax.transData + ax.transAxes.inverted()
-    box = ax.get_window_extent()
-    char = 3.3 * ax.figure.dpi / 72 / max(box.width, 1.0)  # a 6 pt character, axes fraction
-    pad = 4 * ax.figure.dpi / 72 / max(box.width, 1.0)  # the name starts 4 pt right
-    placed: list[tuple[float, float, float]] = []  # (x0, x1, y) of the names so far
-
-    def free(x0, x1, y):
-        return all(x1 <= a or x0 >= b or abs(y - c) >= LABEL_GAP for a, b, c in placed)
-
-    steps = [k for j in range(40) for k in ((j, -j) if j else (0,))]  # 0, 1, -1, 2, -2, ...
-    for name, x, y in sorted(labels, key=lambda t: (t[2], t[1])):
-        fx, fy = to_axes.transform((x, y))
-        x0, x1 = fx + pad, fx + pad + char * len(name)
-        ty = next((fy + k * LABEL_GAP for k in steps
-                   if 0.0 <= fy + k * LABEL_GAP <= 1.0 and free(x0, x1, fy + k * LABEL_GAP)),
-                  fy)
-        placed.append((x0, x1, ty))
-        moved = abs(ty - fy) > 1e-9
-        ax.annotate(name, (x, y), xytext=(x0, ty), textcoords="axes fraction",
-                    fontsize=6, alpha=0.8, ha="left", va="center", annotation_clip=False,
-                    arrowprops=dict(arrowstyle="-", lw=0.4, alpha=0.5,
-                                    shrinkA=0, shrinkB=2) if moved else None)
-
-
-def _note_unlabelled(ax) -> None:
-    """Say which layers carry names, under the axis (inside it the note sat on the names of
-    the layers near 0)."""
-    ax.set_xlabel(f"{ax.get_xlabel()}   (named: layers below {LABEL_BELOW:.0%})")
-
-
-def _legend(fig, axes) -> None:
-    handles = {}
-    for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=7)
-
-
-def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
-    from matplotlib.ticker import NullFormatter
-
-    written = []
-    panels = sorted({(r["variant"], r["num_pairs"]) for r in rows})
-    varies_t = any(len({r["seq_len"] for r in rows if (r["variant"], r["num_pairs"]) == p}) > 1
-                   for p in panels)
-    if varies_t:  # accuracy vs T per P, at the largest d_model
-        fig, axes = _figure(len(panels))
-        for ax, (variant, P) in zip(axes, panels, strict=False):
-            sel = [r for r in rows if (r["variant"], r["num_pairs"]) == (variant, P)]
-            d = max(r["d_model"] for r in sel)
-            for layer in sorted({r["layer"] for r in sel}):
-                pts = sorted((r["seq_len"], r["accuracy"], r["family"]) for r in sel
-                             if r["layer"] == layer and r["d_model"] == d)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=layer)
-            ax.set_xscale("log", base=2)
-            ax.set(title=f"{variant}, P = {P}, d_model = {d}", xlabel="T",
-                   ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
-            ax.grid(alpha=0.3)
-        _legend(fig, axes)
-        written.append(out_dir / "mqar_vs_T.png")
-        fig.savefig(written[-1], dpi=110)
-    points = sorted({(r["variant"], r["num_pairs"], r["seq_len"]) for r in rows})
-    if any(len({r["d_model"] for r in rows if (r["variant"], r["num_pairs"], r["seq_len"])
-                == point}) > 1 for point in points):
-        fig, axes = _figure(len(points))
-        for ax, point in zip(axes, points, strict=False):
-            sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]
-            seen = set()  # legend by family; the layers below LABEL_BELOW named at their lowest
-            # point (where the line stands apart from the crowd at the top)
-            labels = []
-            for layer in sorted({r["layer"] for r in sel}):
-                pts = sorted((r["d_model"], r["accuracy"]) for r in sel if r["layer"] == layer)
-                fam = next(r["family"] for r in sel if r["layer"] == layer)
-                ax.plot(*zip(*pts, strict=True), marker="o", alpha=0.8,
-                        label=fam if fam not in seen else "_nolegend_",
-                        color=FAMILY_COLORS.get(fam))
-                seen.add(fam)
-                low = min(pts, key=lambda p: p[1])
-                if low[1] < LABEL_BELOW:
-                    labels.append((layer, *low))
-            ax.set_xscale("log", base=2)
-            ds = sorted({r["d_model"] for r in sel})
-            ax.set_xticks(ds, [str(d) for d in ds])
-            ax.set(title="{}, P = {}, T = {}".format(*point), xlabel="d_model",
-                   ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
-            ax.grid(alpha=0.3)
-            _place_labels(ax, labels)
-            _note_unlabelled(ax)
-        _legend(fig, axes)
-        written.append(out_dir / "mqar_vs_d.png")
-        fig.savefig(written[-1], dpi=110)
-    fig, axes = _figure(len(points))
-    for ax, point in zip(axes, points, strict=False):  # zoology's recall vs memory
-        sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]
-        for fam in sorted({r["family"] for r in sel}):
-            fs = [r for r in sel if r["family"] == fam]
-            ax.scatter([r["state_floats"] for r in fs], [r["accuracy"] for r in fs], s=18,
-                       label=fam, color=FAMILY_COLORS.get(fam))
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^4, 3x10^4, ... ran together
-        ax.set(title="{}, P = {}, T = {}".format(*point), xlabel="recurrent state (floats)",
-               ylabel="accuracy (best lr)", ylim=(-0.02, 1.05))
-        ax.grid(alpha=0.3)
-        _place_labels(ax, [(r["layer"], r["state_floats"], r["accuracy"]) for r in sel
-                           if r["accuracy"] < LABEL_BELOW])
-        _note_unlabelled(ax)
-    _legend(fig, axes)
-    written.append(out_dir / "mqar_vs_state.png")
-    fig.savefig(written[-1], dpi=110)
-    return written
-
-
-def plot_regression(rows: list[dict], out_dir: Path) -> list[Path]:
-    """Per variant: the direction-normalized loss (left) and the raw loss as the paper's Fig. 2
-    scores it (right; curves above OFF_CHART, the unnormalized outputs, are left out)."""
-    from ttr.experiments.online_regression import OFF_CHART
-
-    written = []
-    for variant in sorted({r["variant"] for r in rows}):
-        vr = [r for r in rows if r["variant"] == variant]
-        fig, axes = _figure(2, width=6.5, height=5)
-        for ax, key, ylabel in ((axes[0], "curve", "|v_{t+1} - y_t/|y_t||^2"),
-                                (axes[1], "raw_curve", "|v_{t+1} - y_t|^2 (raw)")):
-            off = []
-            for r in vr:
-                curve = [x if x is not None and math.isfinite(x) else math.nan
-                         for x in r[key]]
-                if key == "raw_curve" and not max(curve, default=0) <= OFF_CHART:
-                    off.append(r["layer"])
-                    continue
-                paper = r["source"] == "paper"
-                # few lines: a colour each; many: a colour per family
-                color = FAMILY_COLORS.get(r["family"]) if len(vr) > 10 else None
-                ax.plot(range(1, len(curve) + 1), curve, lw=2.0 if paper else 0.9,
-                        ls="-" if paper else "--", color=color, label=r["layer"], alpha=0.9)
-            if variant != "stationary":
-                ax.axvline(len(vr[0]["curve"]) // 4, color="k", lw=0.8, ls=":")
-            if off:  # wrapped by hand: matplotlib's wrap=True let it run into the next panel
-                ax.text(0.99, 0.01, textwrap.fill("off the chart: " + ", ".join(off), 60),
-                        fontsize=6, transform=ax.transAxes, ha="right", va="bottom")
-            ax.set_yscale("log")
-            ax.set(xlabel="t", ylabel=f"{ylabel} (mean over sequences)")
-            ax.grid(alpha=0.3)
-        how = "colour: family; " if len(vr) > 10 else ""
-        fig.suptitle(f"online regression, {variant} variant ({how}solid: paper methods; "
-                     f"dotted: the switch)")
-        _legend(fig, axes)
-        written.append(out_dir / f"regression_{variant}.png")
-        fig.savefig(written[-1], dpi=110)
-    return written
 
 
 def write(out_dir: Path, command: str = "") -> dict:

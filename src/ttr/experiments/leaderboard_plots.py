@@ -1,0 +1,193 @@
+"""The PNG plots of `ttr report` (`ttr.experiments.leaderboard`): MQAR accuracy against T,
+d_model and recurrent state size, and the online-regression loss curves. Layers are coloured by
+family; the MQAR plots name the layers below LABEL_BELOW, placed so that names do not overprint.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+FAMILY_COLORS = {"linear attention": "tab:blue", "geometric decay": "tab:orange",
+                 "online SGD": "tab:green", "exact second order": "tab:red",
+                 "nonparametric": "tab:purple", "baseline": "tab:gray"}
+
+
+def _figure(n_panels: int, width: float = 4.6, height: float = 3.6):
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    cols = min(n_panels, 3)
+    rows = -(-n_panels // cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:  # the grid's unused cells: no empty frames
+        ax.remove()
+    return fig, axes[:n_panels]
+
+
+# Recall plots name only the layers below this accuracy: at the top dozens of names overlap
+# into an unreadable bar, and those layers are in the leaderboard's table anyway.
+LABEL_BELOW = 0.97
+
+
+LABEL_GAP = 0.035  # height of a name, in axes fractions (6 pt text on a ~250 pt high axis)
+
+
+def _place_labels(ax, labels: list[tuple[str, float, float]]) -> None:
+    """Name the points (name, x, y) of one panel without overlapping names. Call it once the
+    panel's scales and limits are set. Each name goes right of its point, at the nearest
+    height (stepping by LABEL_GAP up, then down) where its box, estimated from its length,
+    clears the names placed before it, lowest points first; a moved name gets a thin line to
+    its point. Written at the points themselves, the layers that failed together (a dozen near
+    chance at one d_model, or at one state size) overprinted into one unreadable block."""
+    to_axes = ax.transData + ax.transAxes.inverted()
+    box = ax.get_window_extent()
+    char = 3.3 * ax.figure.dpi / 72 / max(box.width, 1.0)  # a 6 pt character, axes fraction
+    pad = 4 * ax.figure.dpi / 72 / max(box.width, 1.0)  # the name starts 4 pt right
+    placed: list[tuple[float, float, float]] = []  # (x0, x1, y) of the names so far
+
+    def free(x0, x1, y):
+        return all(x1 <= a or x0 >= b or abs(y - c) >= LABEL_GAP for a, b, c in placed)
+
+    steps = [k for j in range(40) for k in ((j, -j) if j else (0,))]  # 0, 1, -1, 2, -2, ...
+    for name, x, y in sorted(labels, key=lambda t: (t[2], t[1])):
+        fx, fy = to_axes.transform((x, y))
+        x0, x1 = fx + pad, fx + pad + char * len(name)
+        ty = next((fy + k * LABEL_GAP for k in steps
+                   if 0.0 <= fy + k * LABEL_GAP <= 1.0 and free(x0, x1, fy + k * LABEL_GAP)),
+                  fy)
+        placed.append((x0, x1, ty))
+        moved = abs(ty - fy) > 1e-9
+        ax.annotate(name, (x, y), xytext=(x0, ty), textcoords="axes fraction",
+                    fontsize=6, alpha=0.8, ha="left", va="center", annotation_clip=False,
+                    arrowprops=dict(arrowstyle="-", lw=0.4, alpha=0.5,
+                                    shrinkA=0, shrinkB=2) if moved else None)
+
+
+def _note_unlabelled(ax) -> None:
+    """Say which layers carry names, under the axis (inside it the note sat on the names of
+    the layers near 0)."""
+    ax.set_xlabel(f"{ax.get_xlabel()}   (named: layers below {LABEL_BELOW:.0%})")
+
+
+def _legend(fig, axes) -> None:
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=7)
+
+
+def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
+    from matplotlib.ticker import NullFormatter
+
+    written = []
+    panels = sorted({(r["variant"], r["num_pairs"]) for r in rows})
+    varies_t = any(len({r["seq_len"] for r in rows if (r["variant"], r["num_pairs"]) == p}) > 1
+                   for p in panels)
+    if varies_t:  # accuracy vs T per P, at the largest d_model
+        fig, axes = _figure(len(panels))
+        for ax, (variant, P) in zip(axes, panels, strict=False):
+            sel = [r for r in rows if (r["variant"], r["num_pairs"]) == (variant, P)]
+            d = max(r["d_model"] for r in sel)
+            for layer in sorted({r["layer"] for r in sel}):
+                pts = sorted((r["seq_len"], r["accuracy"], r["family"]) for r in sel
+                             if r["layer"] == layer and r["d_model"] == d)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=layer)
+            ax.set_xscale("log", base=2)
+            ax.set(title=f"{variant}, P = {P}, d_model = {d}", xlabel="T",
+                   ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
+            ax.grid(alpha=0.3)
+        _legend(fig, axes)
+        written.append(out_dir / "mqar_vs_T.png")
+        fig.savefig(written[-1], dpi=110)
+    points = sorted({(r["variant"], r["num_pairs"], r["seq_len"]) for r in rows})
+    if any(len({r["d_model"] for r in rows if (r["variant"], r["num_pairs"], r["seq_len"])
+                == point}) > 1 for point in points):
+        fig, axes = _figure(len(points))
+        for ax, point in zip(axes, points, strict=False):
+            sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]
+            seen = set()  # legend by family; the layers below LABEL_BELOW named at their lowest
+            # point (where the line stands apart from the crowd at the top)
+            labels = []
+            for layer in sorted({r["layer"] for r in sel}):
+                pts = sorted((r["d_model"], r["accuracy"]) for r in sel if r["layer"] == layer)
+                fam = next(r["family"] for r in sel if r["layer"] == layer)
+                ax.plot(*zip(*pts, strict=True), marker="o", alpha=0.8,
+                        label=fam if fam not in seen else "_nolegend_",
+                        color=FAMILY_COLORS.get(fam))
+                seen.add(fam)
+                low = min(pts, key=lambda p: p[1])
+                if low[1] < LABEL_BELOW:
+                    labels.append((layer, *low))
+            ax.set_xscale("log", base=2)
+            ds = sorted({r["d_model"] for r in sel})
+            ax.set_xticks(ds, [str(d) for d in ds])
+            ax.set(title="{}, P = {}, T = {}".format(*point), xlabel="d_model",
+                   ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
+            ax.grid(alpha=0.3)
+            _place_labels(ax, labels)
+            _note_unlabelled(ax)
+        _legend(fig, axes)
+        written.append(out_dir / "mqar_vs_d.png")
+        fig.savefig(written[-1], dpi=110)
+    fig, axes = _figure(len(points))
+    for ax, point in zip(axes, points, strict=False):  # zoology's recall vs memory
+        sel = [r for r in rows if (r["variant"], r["num_pairs"], r["seq_len"]) == point]
+        for fam in sorted({r["family"] for r in sel}):
+            fs = [r for r in sel if r["family"] == fam]
+            ax.scatter([r["state_floats"] for r in fs], [r["accuracy"] for r in fs], s=18,
+                       label=fam, color=FAMILY_COLORS.get(fam))
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^4, 3x10^4, ... ran together
+        ax.set(title="{}, P = {}, T = {}".format(*point), xlabel="recurrent state (floats)",
+               ylabel="accuracy (best lr)", ylim=(-0.02, 1.05))
+        ax.grid(alpha=0.3)
+        _place_labels(ax, [(r["layer"], r["state_floats"], r["accuracy"]) for r in sel
+                           if r["accuracy"] < LABEL_BELOW])
+        _note_unlabelled(ax)
+    _legend(fig, axes)
+    written.append(out_dir / "mqar_vs_state.png")
+    fig.savefig(written[-1], dpi=110)
+    return written
+
+
+def plot_regression(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Per variant: the direction-normalized loss (left) and the raw loss as the paper's Fig. 2
+    scores it (right; curves above OFF_CHART, the unnormalized outputs, are left out)."""
+    from ttr.experiments.online_regression import OFF_CHART
+
+    written = []
+    for variant in sorted({r["variant"] for r in rows}):
+        vr = [r for r in rows if r["variant"] == variant]
+        fig, axes = _figure(2, width=6.5, height=5)
+        for ax, key, ylabel in ((axes[0], "curve", "|v_{t+1} - y_t/|y_t||^2"),
+                                (axes[1], "raw_curve", "|v_{t+1} - y_t|^2 (raw)")):
+            off = []
+            for r in vr:
+                curve = [x if x is not None and math.isfinite(x) else math.nan
+                         for x in r[key]]
+                if key == "raw_curve" and not max(curve, default=0) <= OFF_CHART:
+                    off.append(r["layer"])
+                    continue
+                paper = r["source"] == "paper"
+                # few lines: a colour each; many: a colour per family
+                color = FAMILY_COLORS.get(r["family"]) if len(vr) > 10 else None
+                ax.plot(range(1, len(curve) + 1), curve, lw=2.0 if paper else 0.9,
+                        ls="-" if paper else "--", color=color, label=r["layer"], alpha=0.9)
+            if variant != "stationary":
+                ax.axvline(len(vr[0]["curve"]) // 4, color="k", lw=0.8, ls=":")
+            if off:  # wrapped by hand: matplotlib's wrap=True let it run into the next panel
+                ax.text(0.99, 0.01, textwrap.fill("off the chart: " + ", ".join(off), 60),
+                        fontsize=6, transform=ax.transAxes, ha="right", va="bottom")
+            ax.set_yscale("log")
+            ax.set(xlabel="t", ylabel=f"{ylabel} (mean over sequences)")
+            ax.grid(alpha=0.3)
+        how = "colour: family; " if len(vr) > 10 else ""
+        fig.suptitle(f"online regression, {variant} variant ({how}solid: paper methods; "
+                     f"dotted: the switch)")
+        _legend(fig, axes)
+        written.append(out_dir / f"regression_{variant}.png")
+        fig.savefig(written[-1], dpi=110)
+    return written
