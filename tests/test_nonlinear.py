@@ -512,3 +512,34 @@ def test_titans_bad_input_names_the_argument(over, err, name):
     with pytest.raises(err, match=f"^{name}"):
         titans(*[kw.pop(n) for n in ("q", "k", "v", "lr", "momentum", "decay", "params")],
                **kw)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+@pytest.mark.parametrize("B, T, H, Dk, Dv, C", [
+    pytest.param(2, 13, 2, 5, 3, 4, id="T13-C4"), pytest.param(1, 17, 1, 4, 4, 3, id="T17-C3"),
+])
+def test_titans_chunk_groups_are_one_function(monkeypatch, groups, B, T, H, Dk, Dv, C):
+    """The chunk form writes the memory out once per group of GROUP_CHUNKS chunks; any group
+    size (here several groups per sequence, the last one partial) gives chunk_recurrent's
+    outputs, final state and gradients."""
+    import importlib
+
+    # the module, not the function that ttr.ops exports under the same name
+    monkeypatch.setattr(importlib.import_module("ttr.ops.titans"), "GROUP_CHUNKS", groups)
+    *xs, p = titans_inputs(B, T, H, Dk, Dv, 2, gates="edges")
+    s0 = titans_state(B, p)
+    leaves = [*xs, *s0.values()]
+    for x in leaves:
+        x.requires_grad_()
+
+    def run(form):
+        o, s = titans(*xs, p, chunk_size=C, initial_state=s0, output_final_state=True,
+                      form=form)
+        loss = (o * torch.sin(o)).sum() + sum((x * x.cos()).sum() for x in s.values())
+        return o, s, torch.autograd.grad(loss, leaves)
+
+    (o, s, g), (o_ref, s_ref, g_ref) = run("chunk"), run("chunk_recurrent")
+    assert_close(o, o_ref, what="output")
+    assert_dicts(s, s_ref)
+    for a, b in zip(g, g_ref, strict=True):
+        assert_close(a, b, tol=1e-7)
