@@ -375,3 +375,19 @@ def test_matched_pairs_compare_layers_that_differ_on_one_axis():
     # simpler optimizer, so it comes first although its name sorts last
     assert "zeta -> mid" not in detail and "mid -> zeta" not in detail  # two axes differ
     assert leaderboard._matched_pairs({"a": per_layer["alpha"]}, [p1]) == ("", "")
+
+
+def test_matched_pairs_of_losses_skip_diverged_runs():
+    """The online-regression report compares whole-sequence losses the same way, per variant;
+    a diverged run (loss None) leaves its cell out."""
+    def row(o, loss):
+        return {"family": "f", "weights": "uniform", "function class": "linear", "optimizer": o,
+                "all": loss}
+
+    per_layer = {"la": {"switch": row("1 GD step from 0", 0.5), "noisy": row("1 GD step from 0",
+                                                                            0.7)},
+                 "rls": {"switch": row("exact", 0.2), "noisy": row("exact", None)}}
+    summary, detail = leaderboard._matched_pairs(per_layer, ["noisy", "switch"], "all",
+                                                 lambda x: f"{x:+.3f}", str)
+    assert "| optimizer | 1 GD step from 0 -> exact | 1 | - | -0.300 | -0.300 |" in summary
+    assert "| optimizer | la -> rls | - | -0.300 | -0.300 |" in detail

@@ -224,11 +224,15 @@ def _pp(x: float) -> str:
     return f"{100 * x:+.1f}" if abs(100 * x) >= 0.05 else "+0.0"
 
 
-def _matched_pairs(per_layer: dict, points: list) -> tuple[str, str]:
+def _matched_pairs(per_layer: dict, points: list, score: str = "accuracy", fmt=None,
+                   label=None) -> tuple[str, str]:
     """The controlled comparison the axis tables cannot make: every pair of (non-baseline)
-    layers whose three choices differ on exactly one axis, ordered along AXIS_ORDER. Returns
-    (a table per change of choice: pairs and mean delta per grid point; a table per pair), or
-    ("", "") when no pair exists."""
+    layers whose three choices differ on exactly one axis, ordered along AXIS_ORDER; per_layer
+    {layer: {point: row}}, the delta of row[score] (second minus first, `fmt`, default
+    percentage points) at each point both have (complete and not None). Returns (a table per
+    change of choice: pairs and mean delta per point; a table per pair), or ("", "") when no
+    pair exists. `label` names a point in the header (default `_point`)."""
+    fmt, label = fmt or _pp, label or _point
     first = {n: next(iter(pts.values())) for n, pts in per_layer.items()}
     layers = sorted(n for n, r in first.items() if r["family"] != "baseline")
     pairs = defaultdict(list)  # (axis, from, to) -> [(layer a, layer b)]
@@ -243,8 +247,9 @@ def _matched_pairs(per_layer: dict, points: list) -> tuple[str, str]:
 
     def delta(a, b, p):
         ra, rb = per_layer[a].get(p), per_layer[b].get(p)
-        if ra and rb and ra["complete"] and rb["complete"]:
-            return rb["accuracy"] - ra["accuracy"]
+        if ra and rb and ra.get("complete", True) and rb.get("complete", True) \
+                and ra[score] is not None and rb[score] is not None:
+            return rb[score] - ra[score]
         return None
 
     summary, detail = [], []
@@ -254,18 +259,18 @@ def _matched_pairs(per_layer: dict, points: list) -> tuple[str, str]:
         for p in points:
             ds = [d for a, b in members if (d := delta(a, b, p)) is not None]
             every += ds
-            cells.append("-" if not ds else _pp(statistics.mean(ds))
+            cells.append("-" if not ds else fmt(statistics.mean(ds))
                          + ("" if len(ds) == len(members) else f" ({len(ds)})"))
         summary.append([ax, f"{old} -> {new}", len(members), *cells,
-                        _pp(statistics.mean(every)) if every else "-"])
+                        fmt(statistics.mean(every)) if every else "-"])
         for a, b in members:
             ds = [delta(a, b, p) for p in points]
             done = [d for d in ds if d is not None]
-            detail.append([ax, f"{a} -> {b}", *("-" if d is None else _pp(d) for d in ds),
-                           _pp(statistics.mean(done)) if done else "-"])
+            detail.append([ax, f"{a} -> {b}", *("-" if d is None else fmt(d) for d in ds),
+                           fmt(statistics.mean(done)) if done else "-"])
     if not summary:
         return "", ""
-    cols = [_point(p) for p in points]
+    cols = [label(p) for p in points]
     return (markdown_table(["axis", "change", "pairs", *cols, "mean"], summary),
             markdown_table(["axis", "pair", *cols, "mean"], detail))
 
@@ -317,6 +322,19 @@ def _regression_section(rows: list[dict]) -> list[str]:
                                   "raw t <= T/4", "raw t > T/4"], table), "",
                   f"Design axes ({variant}): whole-sequence loss.", "",
                   _axis_table(vr, "all", False, _loss), ""]
+    variants = sorted({r["variant"] for r in rows})
+    per_layer = defaultdict(dict)
+    for r in rows:
+        per_layer[r["layer"]][r["variant"]] = r
+    summary, detail = _matched_pairs(per_layer, variants, "all", lambda x: f"{x:+.3f}",
+                                     lambda v: f"{v} variant")
+    if summary:
+        lines += ["Matched pairs: layers whose choices differ on one axis only, the other two "
+                  "held fixed. Delta = the second layer's whole-sequence loss minus the "
+                  "first's (negative: the second choice predicts better), averaged over the "
+                  "pairs, per variant.", "",
+                  summary, "", "<details><summary>Every pair</summary>", "", detail, "",
+                  "</details>", ""]
     return lines
 
 
