@@ -201,17 +201,22 @@ def _mqar_section(rows: list[dict]) -> list[str]:
                   "each choice that have finished the point (their count in brackets when "
                   "not all of them have).", "",
                   _axis_by_point(per_layer, points), ""]
-        summary, detail = _matched_pairs(per_layer, points)
-        if summary:
-            lines += [f"Matched pairs ({variant}): layers whose choices differ on one axis "
-                      "only, the other two held fixed. Delta = the second layer's best accuracy "
-                      "minus the first's, in percentage points, averaged over the pairs at "
-                      "each grid point both have finished; the last column averages over "
-                      "pairs and points. The layers of a pair still differ in what the axes "
-                      "do not record (feature map, parameterization, state size).", "",
-                      summary, "", "<details><summary>Every pair</summary>", "", detail, "",
-                      "</details>", ""]
+        lines += _pairs_lines(
+            f"Matched pairs ({variant}): layers whose choices differ on one axis only, the "
+            "other two held fixed. Delta = the second layer's best accuracy minus the first's, "
+            "in percentage points, averaged over the pairs at each grid point both have "
+            "finished; the last column averages over pairs and points. The layers of a pair "
+            "still differ in what the axes do not record (feature map, parameterization, state "
+            "size).", *_matched_pairs(per_layer, points))
     return lines
+
+
+def _pairs_lines(intro: str, summary: str, detail: str) -> list[str]:
+    """The matched-pairs part of a section: the intro, the summary, every pair folded away."""
+    if not summary:
+        return []
+    return [intro, "", summary, "", "<details><summary>Every pair</summary>", "", detail, "",
+            "</details>", ""]
 
 
 def _rank(axis: str, value: str) -> tuple:
@@ -326,15 +331,12 @@ def _regression_section(rows: list[dict]) -> list[str]:
     per_layer = defaultdict(dict)
     for r in rows:
         per_layer[r["layer"]][r["variant"]] = r
-    summary, detail = _matched_pairs(per_layer, variants, "all", lambda x: f"{x:+.3f}",
-                                     lambda v: f"{v} variant")
-    if summary:
-        lines += ["Matched pairs: layers whose choices differ on one axis only, the other two "
-                  "held fixed. Delta = the second layer's whole-sequence loss minus the "
-                  "first's (negative: the second choice predicts better), averaged over the "
-                  "pairs, per variant.", "",
-                  summary, "", "<details><summary>Every pair</summary>", "", detail, "",
-                  "</details>", ""]
+    lines += _pairs_lines(
+        "Matched pairs: layers whose choices differ on one axis only, the other two held fixed. "
+        "Delta = the second layer's whole-sequence loss minus the first's (negative: the second "
+        "choice predicts better), averaged over the pairs, per variant.",
+        *_matched_pairs(per_layer, variants, "all", lambda x: f"{x:+.3f}",
+                        lambda v: f"{v} variant"))
     return lines
 
 
