@@ -26,6 +26,8 @@ def _figure(n_panels: int, width: float = 4.6, height: float = 3.6):
     return fig, axes[:n_panels]
 
 
+MARKERS, LINESTYLES = "osD^v<>p", ("-", "--", "-.", ":")
+
 # Recall plots name only the layers below this accuracy: at the top dozens of names overlap
 # into an unreadable bar, and those layers are in the leaderboard's table anyway.
 LABEL_BELOW = 0.97
@@ -88,14 +90,23 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
                    for p in panels)
     if varies_t:  # accuracy vs T per P, at the largest d_model
         fig, axes = _figure(len(panels))
+        layers = sorted({r["layer"] for r in rows})
         for ax, (variant, P) in zip(axes, panels, strict=False):
             sel = [r for r in rows if (r["variant"], r["num_pairs"]) == (variant, P)]
             d = max(r["d_model"] for r in sel)
             for layer in sorted({r["layer"] for r in sel}):
-                pts = sorted((r["seq_len"], r["accuracy"], r["family"]) for r in sel
+                pts = sorted((r["seq_len"], r["accuracy"]) for r in sel
                              if r["layer"] == layer and r["d_model"] == d)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=layer)
+                # layers that solve the task all sit on the 100% line: each its own marker,
+                # line style and a smaller size than the one before, so that the stacked
+                # markers stay visible as rings; colours by layer, the same in every panel
+                i = layers.index(layer)
+                ax.plot(*zip(*pts, strict=True), label=layer, alpha=0.9, color=f"C{i % 10}",
+                        marker=MARKERS[i % len(MARKERS)], markersize=max(3.0, 10.0 - 1.5 * i),
+                        markerfacecolor="none", ls=LINESTYLES[i % len(LINESTYLES)])
             ax.set_xscale("log", base=2)
+            ts = sorted({r["seq_len"] for r in sel})
+            ax.set_xticks(ts, [str(t) for t in ts])
             ax.set(title=f"{variant}, P = {P}, d_model = {d}", xlabel="T",
                    ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
