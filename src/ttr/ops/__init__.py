@@ -1,6 +1,6 @@
 """Pure tensor functions, one file per solver family (DESIGN.md, "The op contract")."""
 
-from ttr.ops.common import NumericalError
+from ttr.ops.common import NumericalError, finite_checks
 from ttr.ops.delta import delta_rule, delta_rule_step
 from ttr.ops.delta_product import delta_product, delta_product_step
 from ttr.ops.kernel import kernel_regression
@@ -22,7 +22,7 @@ from ttr.ops.steps import (
 from ttr.ops.titans import titans, titans_params
 
 __all__ = [
-    "NumericalError",
+    "NumericalError", "finite_checks",
     "delta_rule", "delta_rule_step",
     "delta_product", "delta_product_step",
     "kernel_regression", "kernel_regression_step",
