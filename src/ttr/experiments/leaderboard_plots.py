@@ -95,8 +95,12 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
             sel = [r for r in rows if (r["variant"], r["num_pairs"]) == (variant, P)]
             d = max(r["d_model"] for r in sel)
             for layer in sorted({r["layer"] for r in sel}):
-                pts = sorted((r["seq_len"], r["accuracy"]) for r in sel
-                             if r["layer"] == layer and r["d_model"] == d)
+                mine = [r for r in sel if r["layer"] == layer and r["d_model"] == d]
+                pts = sorted((r["seq_len"], r["accuracy"]) for r in mine)
+                for r in mine:  # a point whose learning rates have not all run yet
+                    if not r.get("complete", True):
+                        ax.annotate("*", (r["seq_len"], r["accuracy"]), xytext=(5, -12),
+                                    textcoords="offset points", fontsize=9)
                 # layers that solve the task all sit on the 100% line: each its own marker,
                 # line style and a smaller size than the one before, so that the stacked
                 # markers stay visible as rings; colours by layer, the same in every panel
@@ -107,8 +111,10 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.set_xscale("log", base=2)
             ts = sorted({r["seq_len"] for r in sel})
             ax.set_xticks(ts, [str(t) for t in ts])
-            ax.set(title=f"{variant}, P = {P}, d_model = {d}", xlabel="T",
-                   ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
+            partial = any(not r.get("complete", True) for r in sel)
+            ax.set(title=f"{variant}, P = {P}, d_model = {d}" + ("  (* = partial)"
+                                                                 if partial else ""),
+                   xlabel="T", ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
         _legend(fig, axes)
         written.append(out_dir / "mqar_vs_T.png")
