@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from ttr.ops.local_linear import local_linear_attention, local_linear_attention_step
+from ttr.ops.local_linear import local_linear_attention
+from ttr.ops.steps import local_linear_attention_step
 from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights
 from ttr.reference import solve
 from ttr.testing import assert_close

@@ -31,7 +31,8 @@ in `softmax_attention`; queries attend to the cached keys and their own causal p
 Forms
   recurrent  the spec: Eq. 52-53 literally, one query at a time -- the design rows [1, d_ti] of
            the keys it sees, G and R from them, theta = G^-1 R (pinv with ridge = 0). The
-           decoding step `local_linear_attention_step` is this form on one query.
+           decoding step `ttr.ops.steps.local_linear_attention_step` is this form on
+           one query.
   naive    the full weight matrix [B, H, T, T] and the moments as matmuls over all keys.
   blocked  FlashAttention-style (`local_linear_blocked`): per query block, stream the key
            blocks up to the diagonal (once for the row max of the log-weights, once for the
@@ -67,10 +68,9 @@ from ttr.ops.common import (
     check_cu_seqlens,
     check_form,
     check_qkv,
-    check_step_qkv,
     compute_dtype,
 )
-from ttr.ops.local import _check_cache, with_caches
+from ttr.ops.local import with_caches
 from ttr.ops.local_linear_blocked import _blocked
 from ttr.ops.local_linear_moments import PINV_RTOL, _intercept, _moments
 
@@ -177,19 +177,3 @@ def _recurrent(q, K, V, Tc, bw, ridge, block_size, recompute):
             theta = torch.linalg.pinv(G, rtol=PINV_RTOL[G.dtype], hermitian=True) @ R
         outs.append(theta[:, 0])  # [BH, Dv]
     return torch.stack(outs, 1)
-
-
-def local_linear_attention_step(q_t, k_t, v_t, state=None, *, bandwidth=None, ridge=0.0):
-    """One decoding step: append (k_t, v_t) to the KV cache and fit q_t to all of it (the
-    recurrent form on one query).
-
-    q_t, k_t [B, H, Dk], v_t [B, H, Dv]; state None or (K [B, Tc, H, Dk], V [B, Tc, H, Dv]);
-    bandwidth and ridge as in `local_linear_attention`.
-    Returns (o_t [B, H, Dv], (K, V) with Tc + 1 entries).
-    """
-    B, H, Dk, Dv = check_step_qkv(q_t, k_t, v_t)
-    _check_cache("state", state, B, H, Dk, Dv, q_t)
-    o, cache = local_linear_attention(q_t[:, None], k_t[:, None], v_t[:, None],
-                                      bandwidth=bandwidth, ridge=ridge, initial_state=state,
-                                      output_final_state=True, form="recurrent")
-    return o[:, 0], cache

@@ -100,15 +100,16 @@ def _query_block(qc, K, V, c, pos, bw, ridge, block_size, stats):
 
 
 def _stream_moments(blocks, vk):
-    """The moments of `_moments` (Mvk only if `vk`) over the visible key blocks, weighted by
-    exp(logw - max) with the max over all of them: (max [BH, Bq], moments).
+    """The moments of `_moments` (Mvk only if `vk`) over the visible key blocks (`blocks`, as
+    `_key_blocks` yields them), weighted by exp(logw - max) with the max over all of them:
+    (max [BH, Bq], moments).
 
-    Two passes over the key blocks: the row max of the log-weights first (one [Bq, Dk] x
-    [Dk, Bk] matmul per block), then the moments under that fixed max, accumulated in place by
-    the matmuls (baddbmm_). An online max instead rescaled every accumulator, the [Bq,
-    Dk (Dk + 1) / 2] second moments above all, once per key block, and summed each block's
-    fresh moments into them: three passes over the largest tensor of the forward per block,
-    against recomputing the log-weights (4 / Dk of the second moments' flops). Measured with the
+    Two passes over the key blocks: the row max of the log-weights first, then the moments under
+    that fixed max, accumulated in place by the matmuls (baddbmm_). An online max instead
+    rescaled every accumulator, the [Bq, Dk (Dk + 1) / 2] second moments above all, once per
+    key block, and summed each block's fresh moments into them: three passes over the largest
+    tensor of the forward per block, against a second pass over log-weights that the caller
+    now takes once (recomputed, they cost 4 / Dk of the second moments' flops). Measured with the
     packing written in place (`_packed_outer`), one thread, T = 1024, D = 64, ridge 0.1, old and
     new code interleaved in one process while a sweep ran on the other core: forward at
     B H = 16 1.97 -> 1.80 s, at B H = 64 (fig3's batch) 7.2-8.1 -> 6.5-7.4 s."""

@@ -6,6 +6,8 @@ carried state, and nothing is written twice:
 
   kernel_regression_step            the KV cache grows by (k_t, v_t[, beta_t]); q_t solves
                                     the kernel system over all of it (Eq. 43, 45-47);
+  local_linear_attention_step       the KV cache grows; q_t fits its local linear regression
+                                    (Eq. 52-53; the op's recurrent form, the spec);
   local_polynomial_attention_step   the KV cache grows; q_t fits its local polynomial (Eq. 49);
   ttt_step                          one inner SGD step on (k_t, v_t), then q_t reads the model:
                                     TTT's mini-batch of one, exact online SGD (the recurrence
@@ -26,6 +28,7 @@ import torch
 
 from ttr.ops.common import check_like, check_step_qkv
 from ttr.ops.kernel import kernel_regression
+from ttr.ops.local_linear import local_linear_attention
 from ttr.ops.local_poly import local_polynomial_attention
 from ttr.ops.nonlinear import ttt
 from ttr.ops.titans import titans
@@ -38,6 +41,13 @@ def kernel_regression_step(q_t, k_t, v_t, beta_t=None, state=None, *, kernel="ex
     return _one_token(kernel_regression, q_t, k_t, v_t, {"beta": beta_t}, state,
                       kernel=kernel, degree=degree, ridge=ridge, solver=solver,
                       form="recurrent")
+
+
+def local_linear_attention_step(q_t, k_t, v_t, state=None, *, bandwidth=None, ridge=0.0):
+    """`local_linear_attention` for one token (its recurrent form); state None or the cache
+    (K [B, Tc, H, Dk], V [B, Tc, H, Dv]); returns (o_t [B, H, Dv], the cache with Tc + 1)."""
+    return _one_token(local_linear_attention, q_t, k_t, v_t, {}, state, bandwidth=bandwidth,
+                      ridge=ridge, form="recurrent")
 
 
 def local_polynomial_attention_step(q_t, k_t, v_t, state=None, *, degree, bandwidth=None,

@@ -199,13 +199,15 @@ def _chunk(q, k, v, lr, mu, alpha, Ws, Ss, chunk_size):
     gradients are taken at its own start memory, which depends on the chunks before it.
     Each chunk's reads of the group's start memory still give that memory a weight-sized
     gradient term (the first layer's, whose inputs are the keys, are taken for the whole group
-    at once), and the reads of the history grow with the group: GROUP_CHUNKS = 8 was the best
-    of 4, 8, 16 and 32 across the sizes below. Measured, one thread, CPU time, against the memory
-    written out after every chunk (session 15, the 2-core Xeon beside a running sweep):
-    the catalogue's titans on MQAR at d_model 128 (32 sequences of 128 tokens, [128, 512]
-    memory, chunks of 4; forward + backward + AdamW) 2.8 -> 1.3 s per step, the same losses;
-    the op at B = 8, T = 256, 4 heads, Dk = 64, hidden 256, f+b 1.1 -> 0.8 s, peak RSS 1624 ->
-    725 MB; at B = 1, T = 2048 3.9 -> 3.4 s, 1574 -> 661 MB."""
+    at once), and the reads of the history grow with the group. Groups of 4 / 8 / 16 / 32 chunks
+    (one thread, CPU time): the op below at T = 2048, f+b 3.44 / 3.44 / 4.05 / 4.8 s; at B = 8,
+    T = 256 (8 and 16 only) 0.80 / 0.87 s; the MQAR step below 1.29 s for 8, 1.25 s for 16 (4
+    and 32, before the first layer's reads went group-wide: 1.66 and 1.36 s). So 8. Measured,
+    one thread, CPU time, against the memory written out after every chunk (session 15, the
+    2-core Xeon beside a running sweep): the catalogue's titans on MQAR at d_model 128 (32
+    sequences of 128 tokens, [128, 512] memory, chunks of 4; forward + backward + AdamW) 2.8 ->
+    1.3 s per step, the same losses; the op at B = 8, T = 256, 4 heads, Dk = 64, hidden 256, f+b
+    1.1 -> 0.8 s, peak RSS 1624 -> 725 MB; at B = 1, T = 2048 3.9 -> 3.4 s, 1574 -> 661 MB."""
     B, T, H, _ = q.shape
     C = min(chunk_size, T)
     G = C * GROUP_CHUNKS  # tokens per group
@@ -239,7 +241,8 @@ def _group(Q, K, V, th, mu, alpha, Ws, Ss, C):
     # the first layer reads the keys, known up front: its two products for the whole group
     # at once, so that their gradients w.r.t. the start memory are one matmul each, not one
     # weight-sized product per chunk
-    KW, KS = K @ Ws[0], K @ Ss[0]  # [B, H, L, d_1]
+    KW = K @ Ws[0]  # [B, H, L, d_1]
+    KS = K @ Ss[0] if L > C else None  # read from the second chunk on
     for a in range(0, L, C):
         b = min(a + C, L)
         # 4. this chunk's keys through its start memory M_(a) (the memory after token a - 1),
@@ -253,7 +256,7 @@ def _group(Q, K, V, th, mu, alpha, Ws, Ss, C):
             x = F.silu(zs[-1]) if i else x
             xs[i].append(x)
             if i == 0:
-                xW, xS = KW[:, :, a:b], KS[:, :, a:b]
+                xW, xS = KW[:, :, a:b], (KS[:, :, a:b] if a else None)
             else:
                 xW, xS = x @ W, (x @ S if a else None)
             zs.append(xW if not a else _read(x, xW, xS, *coef, *hist[i]))
