@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ttr.ops.local_linear import local_linear_attention
+from ttr.ops.local_linear_moments import _packed_outer, _unpack
 from ttr.ops.steps import local_linear_attention_step
 from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights
 from ttr.reference import solve
@@ -33,6 +34,7 @@ def qkv(B, T, H, Dk, Dv, dtype=F64, seed=0):
     pytest.param(37, 8, None, id="T37"),
     pytest.param(37, 60, 20.0, id="T37-D60-bw20"),
     pytest.param(23, 4, 3.0, id="T23-D4-bw3"),
+    pytest.param(23, 5, 3.0, id="T23-D5-bw3"),  # odd Dk: the packing has no doubled row
 ])
 @pytest.mark.parametrize("form", ["recurrent", "naive"])
 def test_equals_reference(form, T, Dk, bandwidth):
@@ -40,6 +42,16 @@ def test_equals_reference(form, T, Dk, bandwidth):
     recipe = Recipe(Weights.local(bandwidth), FunctionClass.local_polynomial(1), Optimizer.exact())
     o, _ = local_linear_attention(q, k, v, bandwidth=bandwidth, form=form)
     assert_close(o, solve(recipe, q, k, v), F64, what=f"{form} vs reference")
+
+
+@pytest.mark.parametrize("D", [1, 2, 3, 5, 8, 64])
+def test_packed_outer_products_unpack_to_the_outer_product(D):
+    x = torch.randn(3, 7, D, dtype=F64, requires_grad=True)
+    outer = x[..., :, None] * x[..., None, :]
+    assert _packed_outer(x).shape[-1] == (D // 2 + 1) * D
+    assert torch.equal(_unpack(_packed_outer(x), D), outer)  # under autograd
+    with torch.no_grad():
+        assert torch.equal(_unpack(_packed_outer(x), D), outer)  # written in place
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -83,7 +83,7 @@ def _query_block(qc, K, V, c, pos, bw, ridge, block_size, stats):
     m0, m1, S2, mv = acc
     inv = (1.0 / m0)[..., None]
     kbar, vbar = m1 * inv, mv * inv  # [BH, Bq, Dk], [BH, Bq, Dv]
-    # Eq. 54, A = S2 / m0 - kbar kbar^T + ridge I, formed on the packed triangle and unpacked
+    # Eq. 54, A = S2 / m0 - kbar kbar^T + ridge I, formed on the packed products and unpacked
     # once: one pass over the [Bq, Dk, Dk] matrices instead of one per term
     A = _unpack(S2 * inv - _packed_outer(kbar), qc.shape[-1])  # [BH, Bq, Dk, Dk]
     A.diagonal(dim1=-2, dim2=-1).add_(ridge)
@@ -106,7 +106,7 @@ def _stream_moments(blocks, vk):
 
     Two passes over the key blocks: the row max of the log-weights first, then the moments under
     that fixed max, accumulated in place by the matmuls (baddbmm_). An online max instead
-    rescaled every accumulator, the [Bq, Dk (Dk + 1) / 2] second moments above all, once per
+    rescaled every accumulator, the packed [Bq, (Dk // 2 + 1) Dk] second moments above all, once per
     key block, and summed each block's fresh moments into them: three passes over the largest
     tensor of the forward per block, against a second pass over log-weights that the caller
     now takes once (recomputed, they cost 4 / Dk of the second moments' flops). Measured with the
