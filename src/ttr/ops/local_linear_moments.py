@@ -6,7 +6,8 @@ q' = q - c; the offsets d = k - q do not change) and weights w_i,
     m0 = sum w,  m1 = sum w k',  S2 = sum w k' k'^T,  mv = sum w v,  Mvk = sum w v k'^T,
     dbar = m1/m0 - q',  Cov_dd = S2/m0 - (m1/m0)(m1/m0)^T,  Cov_vd = Mvk/m0 - (mv/m0)(m1/m0)^T.
 Each moment over a block of keys is one matmul of the weights with a per-key feature (the
-outer products flattened); S2, symmetric, is kept packed (`_packed_outer`): each product k_a k_b once.
+outer products flattened); S2, symmetric, is kept packed (`_packed_outer`): each product
+k_a k_b once.
 """
 
 from __future__ import annotations
