@@ -73,9 +73,11 @@ def _query_block(qc, K, V, c, pos, bw, ridge, block_size, stats):
     (one thread, B H = 32, T = 128, Dk = Dv = 128): LU with 129 right-hand sides 3.1 s,
     lu_factor 0.8 s plus a one-column lu_solve 0.06 s; Cholesky (LAPACK, or blocked in bmm) was
     no faster than lu_factor here."""
-    # the key blocks' log-weights, taken once for the three passes over them (the row max, the
-    # moments, the output), and held meanwhile: one thread, T = 1024, D = 64, forward (f+b)
+    # the key blocks' log-weights, taken once for the row max, then their weights once for the
+    # moments and the output, and held meanwhile: one thread, T = 1024, D = 64, forward (f+b)
     # CPU time B H = 16 1.30 -> 1.16 s (1.78 -> 1.63), B H = 64 4.99 -> 4.81 s (7.07 -> 6.84)
+    # for the log-weights. Keeping the weights too spares the output pass an exp per block pair
+    # (forward time unchanged within the noise, 3.76-3.83 against 3.75-4.11 s at B H = 64)
     blocks = list(_key_blocks(qc, K, V, c, pos, bw, block_size))
     mx, acc = _stream_moments(blocks, vk=ridge == 0)
     if ridge == 0:
@@ -92,22 +94,25 @@ def _query_block(qc, K, V, c, pos, bw, ridge, block_size, stats):
     u = torch.linalg.lu_solve(LU, piv, (kbar - qc)[..., None])[..., 0]  # A^-1 dbar [BH, Bq, Dk]
     # lse: log of the normalizer sum_i exp(logw_i), so that p_i = exp(logw_i - lse)
     lse = mx + torch.log(m0)
-    ukbar, o = (u * kbar).sum(-1, keepdim=True), vbar
-    for _s, _e, kc, vb, logw in blocks:
+    # o = vbar - sum_i p_i (ck_i^T u) v_i with p_i = w_i / m0, on the weights of the moments
+    ukbar, r = (u * kbar).sum(-1, keepdim=True), 0
+    for _s, _e, kc, vb, w in blocks:
         cku = u @ kc.mT - ukbar  # (k_i - kbar)^T u [BH, Bq, Bk]
-        o = o - (torch.exp(logw - lse[..., None]) * cku) @ vb  # [BH, Bq, Dv]
+        r = r + w.mul_(cku) @ vb  # [BH, Bq, Dv]; w is not read again
+    o = vbar - r * inv
     return o, ((lse, kbar, vbar, u, LU, piv) if stats else None)
 
 
 def _stream_moments(blocks, vk):
-    """The moments of `_moments` (Mvk only if `vk`) over the visible key blocks (`blocks`, as
-    `_key_blocks` yields them), weighted by exp(logw - max) with the max over all of them:
-    (max [BH, Bq], moments).
+    """The moments of `_moments` (Mvk only if `vk`) over the visible key blocks (`blocks`, a
+    list as `_key_blocks` yields them), weighted by w = exp(logw - max) with the max over all
+    of them: (max [BH, Bq], moments). Each block's log-weights are replaced in the list by its
+    weights w, which the output pass reads.
 
     Two passes over the key blocks: the row max of the log-weights first, then the moments under
     that fixed max, accumulated in place by the matmuls (baddbmm_). An online max instead
-    rescaled every accumulator, the packed [Bq, (Dk // 2 + 1) Dk] second moments above all, once per
-    key block, and summed each block's fresh moments into them: three passes over the largest
+    rescaled every accumulator, the packed [Bq, (Dk // 2 + 1) Dk] second moments above all, once
+    per key block, and summed each block's fresh moments into them: three passes over the largest
     tensor of the forward per block, against a second pass over log-weights that the caller
     now takes once (recomputed, they cost 4 / Dk of the second moments' flops). Measured with the
     packing written in place (`_packed_outer`), one thread, T = 1024, D = 64, ridge 0.1, old and
@@ -118,8 +123,10 @@ def _stream_moments(blocks, vk):
         new = logw.amax(-1)  # [BH, Bq]; the first block has an unmasked key for every query
         mx = new if mx is None else torch.maximum(mx, new)
     acc = None
-    for _s, _e, kc, vb, logw in blocks:
-        acc = _moments(torch.exp(logw - mx[..., None]), kc, vb, vk, acc)
+    for j, (s, e, kc, vb, logw) in enumerate(blocks):
+        w = torch.exp(logw - mx[..., None])  # [BH, Bq, Bk]
+        acc = _moments(w, kc, vb, vk, acc)
+        blocks[j] = (s, e, kc, vb, w)  # the log-weights are not needed again
     return mx, acc
 
 
@@ -173,25 +180,31 @@ class _BlockedFn(torch.autograd.Function):
                                                                block_size, True)
             g = do[:, a:b]  # [BH, Bq, Dv]
             gvbar = (g * vbar).sum(-1)[..., None]  # [BH, Bq, 1]
+            # the normalized weights p_i of every visible key block, taken once for both passes
+            blocks = [(s, e, kc, vb, torch.exp(logw - lse[..., None]))  # p [BH, Bq, Bk]
+                      for s, e, kc, vb, logw in _key_blocks(qc, K, V, c, pos, bw, block_size)]
             # h = M1^T g = A^-1 Cov_dv g, with Cov_dv g = sum_i p_i (g^T cv_i) ck_i from one
             # pass over the key blocks (so that M1^T [Dk, Dv] per query is never formed)
             y = psum = 0
-            for _s, _e, kc, vb, logw in _key_blocks(qc, K, V, c, pos, bw, block_size):
-                pg = torch.exp(logw - lse[..., None]) * (g @ vb.mT - gvbar)  # [BH, Bq, Bk]
+            for _s, _e, kc, vb, p in blocks:
+                pg = p * (g @ vb.mT - gvbar)  # [BH, Bq, Bk]
                 y, psum = y + pg @ kc, psum + pg.sum(-1, keepdim=True)
             h = torch.linalg.lu_solve(LU, piv, (y - psum * kb)[..., None])[..., 0]  # [BH, Bq, Dk]
             mean = ((g * o[:, a:b]).sum(-1) - (h * qc).sum(-1) - ridge * (h * ub).sum(-1))
             ukbar, hkbar = (ub * kb).sum(-1)[..., None], (h * kb).sum(-1)[..., None]
+            # phi_i in two products: with z_i = h^T ck_i - g^T cv_i = [h, -g] . [k_i, v_i] -
+            # (h^T kbar - g^T vbar) and cku_i = ck_i^T u, phi_i = z_i (cku_i - 1) - (h^T kbar -
+            # g^T vbar), so delta_i = z_i beta_i - p_i (h^T kbar - g^T vbar + mean) with
+            # beta_i = p_i (cku_i - 1), and alpha_i = p_i z_i: six elementwise passes over
+            # [Bq, Bk] per key block instead of fourteen
+            hg, zbar = torch.cat([h, -g], -1), hkbar - gvbar  # [BH, Bq, Dk + Dv], [BH, Bq, 1]
+            shift = zbar + mean[..., None]
             dqb = h.clone()
-            for s, e, kc, vb, logw in _key_blocks(qc, K, V, c, pos, bw, block_size):
-                p = torch.exp(logw - lse[..., None])  # [BH, Bq, Bk]
-                gcv = g @ vb.mT - gvbar  # g^T (v_i - vbar)
-                cku = ub @ kc.mT - ukbar  # (k_i - kbar)^T u
-                hk = h @ kc.mT
-                hck = hk - hkbar  # h^T (k_i - kbar)
-                phi = gcv + gvbar - gcv * cku + hck * cku - hk
-                delta = p * (phi - mean[..., None])
-                alpha, beta = p * (hck - gcv), p * (cku - 1)
+            for s, e, kc, vb, p in blocks:
+                z = hg @ torch.cat([kc, vb], -1).mT - zbar  # [BH, Bq, Bk]
+                beta = (ub @ kc.mT - (ukbar + 1)) * p  # p_i (ck_i^T u - 1) = -a_i
+                delta = torch.addcmul(-shift * p, z, beta)  # dL/dl_i
+                alpha = p.mul_(z)  # p is not read again
                 dK[:, s:e] += (alpha.mT @ ub + beta.mT @ h
                                + (2 / bw) * (delta.mT @ qc - delta.sum(1)[..., None] * kc))
                 dV[:, s:e] -= beta.mT @ g  # a_i = -beta_i
