@@ -10,10 +10,11 @@ more beside a running sweep): linear attention 0.32, delta rule 0.57, RLS 0.63, 
 attention 0.64 (1.17 before SDPA got equal head widths and took its flash kernel; session 13
 read 1.8 s of wall time), local linear attention 6.6 (its O(T^2 D^2) per-query second moments:
 64 sequences x 1024^2 pairs x 64^2 per step; session 13 read 13.9 s of wall time before that
-session's and this session's changes to the op). So a T = 1024 run takes ~0.2-0.4 core-hours
-for the first four layers and ~3.7 for local linear attention; in all ~17 core-hours for the
-first four layers (28 runs each, the cost growing with T) and ~38 for local linear
-attention, ~29 of them its eight T = 1024 runs: ~28 hours with two workers. The runs go
+session's and this session's changes to the op; session 16's changes, 5.4-6.0 s). So a T =
+1024 run takes ~0.2-0.4 core-hours for the first four layers and ~3.2 for local linear
+attention; in all ~17 core-hours for the first four layers (28 runs each, the cost growing
+with T) and ~34 for local linear attention, ~25 of them its eight T = 1024 runs: ~26 hours
+with two workers. The runs go
 cheapest first (the set of runs, and so their ids, does not depend on the order): a partial
 sweep holds the whole figure for the four fast layers before local linear attention's long
 runs.
