@@ -113,7 +113,7 @@ def online_claims(result: dict) -> list[Claim]:
                   f"{a['loss_last_three_quarters']:.4f} vs p=0 "
                   f"{b['loss_last_three_quarters']:.4f}", _verdict(ok)))
     else:
-        claims.append(Claim(text, "local_linear (p=1) is not yet implemented", "not measured"))
+        claims.append(Claim(text, "local linear (p=1) or softmax was not run", "not measured"))
 
     text = "The first T/4 steps change fast and are less predictable; the rest is more stable."
     if have("naive"):
