@@ -26,7 +26,7 @@ from ttr.experiments.sweep_tasks import (
     regression_data,
     run_mqar,
 )
-from ttr.sweep import finished, get_experiment, plan, run_sweep
+from ttr.sweep import Checkpoint, finished, get_experiment, plan, run_sweep
 
 TINY_MQAR = dict(task="mqar", d_model=8, n_heads=1, num_pairs=2, seq_len=16, vocab_size=16,
                  steps=3, batch_size=4, n_test=8)
@@ -191,6 +191,62 @@ def test_report_shows_the_experiments_caveats(tmp_path):
     assert "**Caveats**" in text and "- the zoology table measures the conv" in text
     path.write_text(path.read_text().replace("CAVEATS", "NOT_CAVEATS"))
     assert "Caveats" not in leaderboard.write(out)["leaderboard"].read_text()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_an_interrupted_mqar_run_continues_from_its_checkpoint_to_the_same_result(tmp_path):
+    """A run stopped after step 4 of 10 continues from its last save (step 3) in a new call and
+    ends exactly where the uninterrupted run does: the same losses, so the same model."""
+    run = MQARRun.from_dict({**{k: v for k, v in TINY_MQAR.items() if k != "task"},
+                             "layer": "deltanet", "steps": 10})
+    whole = run_mqar(run, lambda *a: None)
+    path = tmp_path / "run.pt"
+
+    def stop_at_4(done, total):
+        if done == 4:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_mqar(run, stop_at_4, Checkpoint(path, every=1e-9))  # saves after every step
+    assert torch.load(path, weights_only=True)["step"] == 3
+    seen, ckpt = [], Checkpoint(path, every=1e-9)
+    resumed = run_mqar(run, lambda done, total: seen.append(done), ckpt)
+    assert ckpt.segments == 2 and seen[0] == 3 and seen[-1] == 10  # it went on from step 3
+    for key in ("final_loss", "accuracy", "params", "state_floats"):
+        assert resumed[key] == whole[key], key
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        Checkpoint(path, every=0)
+
+
+def test_a_killed_sweep_continues_its_runs_in_flight(tmp_path):
+    """SIGKILL mid-run: the rerun takes the run up from its saved state (recorded as two
+    segments), gives the uninterrupted run's result and leaves no state behind."""
+    runs = [dict(TINY_MQAR, layer="deltanet", steps=400, lr=3e-3)]
+    path = _experiment(tmp_path, runs)
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("ttr")), "sweep", str(path), "--out", str(out),
+           "-j", "1", "--threads", "1", "--checkpoint-every", "0.05", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "partial").glob("*.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not finished(out) and len(list((out / "partial").glob("*.pt"))) == 1
+    said = []
+    summary = run_sweep(get_experiment(str(path)), out, workers=1, threads=1, progress=False,
+                        checkpoint_every=0.05, log=said.append)
+    assert summary["resumed"] == 1 and "continue from their saved state" in " ".join(said)
+    (record,) = finished(out).values()
+    assert record["segments"] == 2
+    alone = run_mqar(MQARRun.from_dict(record["config"]), lambda *a: None)
+    assert record["result"]["final_loss"] == alone["final_loss"]
+    assert not list((out / "partial").glob("*.pt"))  # removed with the result written
+    assert (out / "partial" / ".gitignore").read_text() == "*\n"
 
 
 def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, monkeypatch):

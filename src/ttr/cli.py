@@ -6,6 +6,7 @@
     ttr bench [--op NAME]... [--form NAME]... [--T N]... [--dtype fp32|bf16]... [--out FILE]
     ttr list [--d-model N] [--heads N] [--T N] [--family NAME] [--name NAME] [--csv]
     ttr sweep EXPERIMENT [--quick] [--out DIR] [--workers N] [--threads N] [--dry-run]   (resumable)
+              [--checkpoint-every SECONDS]
     ttr report RESULTS_DIR                                  (leaderboard.md + plots)
     ttr train [--out DIR] [--resume] [--pattern NAME]... [--steps N] ...
     ttr compare-runs RUN_DIR... [--out DIR]                 (table + curves of train runs)
@@ -241,31 +242,42 @@ def sweep(
                                         help="torch threads per worker [default: cores / "
                                              "workers]; lower it to leave cores free.")
                        ] = None,
+    checkpoint_every: Annotated[float, _opt(
+        "--checkpoint-every", metavar="SECONDS",
+        help="Save an MQAR run's training state at most this often, so that a killed sweep "
+             "continues it from there; 0: never.")] = 300.0,
     dry_run: Annotated[bool, _opt("--dry-run", help="Validate and list the runs; run none.")
                        ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Run every config of EXPERIMENT, one seeded run per worker at a time. Each finished run
-    is written atomically to DIR/runs/ and skipped when the sweep is run again, so a killed
-    sweep loses only the runs in flight. Then `ttr report DIR`."""
+    is written atomically to DIR/runs/ and skipped when the sweep is run again; a run in flight
+    saves its training state to DIR/partial/ every --checkpoint-every seconds and continues
+    from it, so a killed sweep loses at most that much of each. Then `ttr report DIR`."""
     from ttr import sweep as s
 
     if workers is not None and workers < 1:
         raise typer.BadParameter(f"expected >= 1, got {workers}", param_hint="--workers")
     if threads is not None and threads < 1:
         raise typer.BadParameter(f"expected >= 1, got {threads}", param_hint="--threads")
+    if not checkpoint_every >= 0:  # also NaN
+        raise typer.BadParameter(f"expected seconds >= 0, got {checkpoint_every}",
+                                 param_hint="--checkpoint-every")
     exp = s.get_experiment(experiment)
     mode = "quick" if quick else "full"
     out = out or Path("results/sweeps") / f"{Path(experiment).stem}-{mode}"
     if dry_run:
         runs = s.plan(exp, quick)
         done = s.finished(out)
+        part = {r.id for r in runs if s.partial_path(out, r).exists()} - set(done)
         for r in runs:
-            typer.echo(f"{'done' if r.id in done else 'todo'}  {r.file_name}")
+            status = "done" if r.id in done else "part" if r.id in part else "todo"
+            typer.echo(f"{status}  {r.file_name}")
         typer.echo(f"ttr sweep: {len(runs)} valid runs, {sum(r.id in done for r in runs)} "
-                   f"finished in {out}")
+                   f"finished in {out}" + (f", {len(part)} part-way" if part else ""))
         return
     s.run_sweep(exp, out, quick=quick, workers=workers, threads=threads, progress=not quiet,
+                checkpoint_every=checkpoint_every,
                 command=shlex.join(["ttr", *sys.argv[1:]]), log=typer.echo)
 
 

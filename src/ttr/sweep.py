@@ -14,12 +14,16 @@ Layout of a results directory:
     sweep.json            the experiment, mode and command of the first invocation
     runs/<label>-<id>.json one file per finished run: {"task", "config", "result", "seconds",
                           "finished"}; <id> is a hash of the task and its full config
+    partial/<label>-<id>.pt the training state of a run in flight (resumable tasks), removed
+                          once its result is written; partial/.gitignore keeps them out of git
 
 Resumability. A worker writes its result to a temporary file in runs/, fsyncs it and renames it
 into place, so a run's file exists only once the run has finished; a restart skips every run
-whose file exists (and is readable) and redoes the rest. Killing the sweep at any moment loses
-at most the runs in flight. Each run is seeded by its config alone, so where and in what order
-it runs does not change its result.
+whose file exists (and is readable) and redoes the rest. Each run is seeded by its config alone,
+so where and in what order it runs does not change its result. A resumable task (MQAR) also
+saves its training state, atomically, at most every `checkpoint_every` seconds (`Checkpoint`),
+and a restart continues such a run from its last save: killing the sweep at any moment loses at
+most that much of the runs in flight. (fig3's longest runs take hours, longer than one sitting.)
 
 Progress: one bar for the sweep (runs done / total, ETA) and one per worker for the run it is
 on (its task reports steps through a callback).
@@ -44,6 +48,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+CHECKPOINT_EVERY = 300.0  # seconds between saves of a run in flight (`Checkpoint`)
+
 
 class SweepFailed(Exception):
     """Some runs raised; the sweep finished the others. Rerunning retries the failed ones."""
@@ -53,20 +59,68 @@ class SweepFailed(Exception):
 class Task:
     """A kind of run: `config` is a dataclass with `from_dict` (it validates), `run(config,
     progress)` returns a JSON-able dict, `progress(done, total)` reports steps within the run,
-    and `label(config)` names the run for humans (file names, progress bars)."""
+    and `label(config)` names the run for humans (file names, progress bars). A `resumable`
+    task's run takes a third argument, its `Checkpoint` (or None), and must give the same
+    result whether or not it was resumed."""
 
     config: type
-    run: Callable[[Any, Callable[[int, int], None]], dict]
+    run: Callable[..., dict]
     label: Callable[[Any], str]
+    resumable: bool = False
 
 
 def _tasks() -> dict[str, Task]:
     # The registry of tasks, built on first use so that `import ttr.sweep` stays light.
     from ttr.experiments import sweep_tasks as st
 
-    return {"mqar": Task(st.MQARRun, st.run_mqar, st.MQARRun.label),
+    return {"mqar": Task(st.MQARRun, st.run_mqar, st.MQARRun.label, resumable=True),
             "online_regression": Task(st.RegressionRun, st.run_regression,
                                       st.RegressionRun.label)}
+
+
+class Checkpoint:
+    """The saved state of one run in flight: `load()` at the start (None if there is none),
+    `save(state)` whenever `due()`; the sweep removes the file once the run's result is
+    written. `state` is a dict of tensors, numbers, lists and state dicts (what
+    `torch.load(weights_only=True)` reads back). A save is atomic -- a temporary file, fsync,
+    rename -- so a kill leaves the previous save or the new one, never a torn file.
+
+    Wall time carries over: `seconds()` adds the earlier segments' time to this one's, and
+    `segments` counts the processes the run took (1 if never resumed)."""
+
+    def __init__(self, path: Path, every: float):
+        if not every > 0:
+            raise ValueError(f"checkpoint_every: expected seconds > 0, got {every!r}")
+        self.path, self.every = Path(path), float(every)
+        self.before, self.segments = 0.0, 1
+        self._start = self._saved = time.monotonic()
+
+    def load(self) -> dict | None:
+        import torch
+
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, weights_only=True)
+        self.before, self.segments = state.pop("_seconds"), state.pop("_segments") + 1
+        return state
+
+    def due(self) -> bool:
+        return time.monotonic() - self._saved >= self.every
+
+    def seconds(self) -> float:
+        return self.before + (time.monotonic() - self._start)
+
+    def save(self, state: dict) -> None:
+        import torch
+
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            torch.save({**state, "_seconds": self.seconds(), "_segments": self.segments}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._saved = time.monotonic()
+
 
 
 def get_experiment(name_or_path: str) -> ModuleType:
@@ -171,8 +225,10 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _work(run: Run, out_dir: str, progress_queue) -> tuple[str, float]:
-    """In a worker: run one config and record it atomically. Returns (run id, seconds)."""
+def _work(run: Run, out_dir: str, progress_queue, checkpoint_every: float | None
+          ) -> tuple[str, float]:
+    """In a worker: run one config (from its checkpoint, if a resumable task left one) and
+    record it atomically. Returns (run id, seconds)."""
     task = _tasks()[run.task]
     last = [0.0]
 
@@ -183,24 +239,44 @@ def _work(run: Run, out_dir: str, progress_queue) -> tuple[str, float]:
             progress_queue.put((run.id, run.label, done, total))
 
     start = time.perf_counter()
-    result = task.run(run.config, progress)
-    seconds = time.perf_counter() - start
+    if task.resumable:
+        ckpt = (Checkpoint(partial_path(Path(out_dir), run), checkpoint_every)
+                if checkpoint_every else None)
+        result = task.run(run.config, progress, ckpt)
+    else:
+        ckpt, result = None, task.run(run.config, progress)
+    seconds = time.perf_counter() - start + (ckpt.before if ckpt else 0.0)
     record = {"task": run.task, "config": asdict(run.config), "label": run.label,
               "result": result, "seconds": round(seconds, 3),
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if ckpt is not None and ckpt.segments > 1:
+        record["segments"] = ckpt.segments  # the processes the run took (it was resumed)
     write_json_atomic(Path(out_dir) / "runs" / run.file_name, record)
+    if task.resumable:  # a saved state, even one this run did not read, is done with
+        partial_path(Path(out_dir), run).unlink(missing_ok=True)
     return run.id, seconds
+
+
+def partial_path(out_dir: Path, run: Run) -> Path:
+    """Where a resumable run in flight keeps its `Checkpoint`."""
+    return out_dir / "partial" / f"{run.label}-{run.id}.pt"
 
 
 def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
               workers: int | None = None, threads: int | None = None, progress: bool = True,
-              command: str = "",
+              command: str = "", checkpoint_every: float | None = CHECKPOINT_EVERY,
               log: Callable[[str], None] = print, start_method: str = "spawn") -> dict:
     """Run every unfinished run of the experiment; returns {"total", "skipped", "ran", "failed",
-    "seconds"}. Validation happens before any worker starts. A run that raises is reported
-    and leaves no result file; the others go on, and at the end SweepFailed lists the
+    "resumed", "seconds"}. Validation happens before any worker starts. A run that raises is
+    reported and leaves no result file; the others go on, and at the end SweepFailed lists the
     failed runs (so a rerun retries exactly those). `threads`: torch threads per worker (default
-    cores // workers). `start_method`: multiprocessing's."""
+    cores // workers). `checkpoint_every`: seconds between the saves of a resumable run's
+    training state (None or 0: no saves, so a killed run starts over). `start_method`:
+    multiprocessing's."""
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool)
+                                         or not checkpoint_every >= 0):
+        raise ValueError(f"checkpoint_every: expected seconds >= 0 or None, got "
+                         f"{checkpoint_every!r}")
     runs = plan(experiment, quick)
     out_dir = Path(out_dir)
     name = _name(experiment)
@@ -213,8 +289,10 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
                              f"{meta.get('experiment')!r}, not the {mode} sweep of {name!r}; "
                              f"expected a fresh directory")
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    for stale in (out_dir / "runs").glob(".*.tmp"):  # partial writes of killed workers
-        stale.unlink()
+    (out_dir / "partial").mkdir(exist_ok=True)
+    (out_dir / "partial" / ".gitignore").write_text("*\n")  # transient: never committed
+    for stale in [*(out_dir / "runs").glob(".*.tmp"), *(out_dir / "partial").glob(".*.tmp")]:
+        stale.unlink()  # partial writes of killed workers
     if not meta_path.exists():
         write_json_atomic(meta_path, {"experiment": name, "mode": mode, "command": command,
                                       "spec": getattr(experiment, "SPEC", name),
@@ -222,8 +300,9 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
                                           timespec="seconds")})
     done = finished(out_dir)
     todo = [r for r in runs if r.id not in done]
+    resumed = [r for r in todo if partial_path(out_dir, r).exists()]
     summary = {"total": len(runs), "skipped": len(runs) - len(todo), "ran": 0, "failed": [],
-               "seconds": 0.0}
+               "resumed": len(resumed), "seconds": 0.0}
     if not todo:
         log(f"ttr sweep: all {len(runs)} runs of {name} ({mode}) are already in {out_dir}; "
             f"nothing to do")
@@ -231,6 +310,9 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
     if summary["skipped"]:
         log(f"ttr sweep: {summary['skipped']} of {len(runs)} runs already finished; "
             f"running the other {len(todo)}")
+    if resumed and checkpoint_every:
+        log(f"ttr sweep: {len(resumed)} of them continue from their saved state "
+            f"({', '.join(r.label for r in resumed[:3])}{', ...' if len(resumed) > 3 else ''})")
     workers = workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(todo)))
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -245,7 +327,8 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
     try:
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(threads,)) as pool:
-            pending = {pool.submit(_work, r, str(out_dir), pq): r for r in todo}
+            pending = {pool.submit(_work, r, str(out_dir), pq, checkpoint_every): r
+                       for r in todo}
             while pending:
                 ready, _ = wait(pending, timeout=0.3, return_when=FIRST_COMPLETED)
                 _drain(pq, bars, free)

@@ -45,6 +45,7 @@ from torch import nn
 
 from ttr.configs import from_dict
 from ttr.ops.common import NumericalError
+from ttr.sweep import Checkpoint
 
 MQAR_VARIANTS = ("zoology", "paper")
 REGRESSION_VARIANTS = ("switch", "stationary", "noisy")
@@ -198,9 +199,14 @@ class CatalogMQARModel(nn.Module):
         return sum(m.state_size(seq_len) for m in self.mixers)
 
 
-def run_mqar(run: MQARRun, progress: Callable[[int, int], None]) -> dict:
+def run_mqar(run: MQARRun, progress: Callable[[int, int], None],
+             checkpoint: Checkpoint | None = None) -> dict:
     """Train with AdamW (linear warmup, cosine decay; weight decay on matrices) on fresh
     sequences every step; evaluate on n_test held-out sequences. Seeded by the config alone.
+    With a `checkpoint` (`ttr.sweep.Checkpoint`) the training state -- the step, the model, the
+    optimizer, the data generator and the losses so far -- is saved whenever it is due and a
+    saved state is continued from, which gives the same run as an uninterrupted one (with the
+    same torch thread count; reductions over another split may round differently).
     A run whose loss or weights become non-finite, or whose layer meets a numerically singular
     system (`NumericalError`), stops there and scores accuracy 0, with the step and the reason
     recorded (`diverged_at_step`, `diverged_reason`): at the top of a learning-rate sweep that
@@ -226,10 +232,18 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None]) -> dict:
         state = model.state_floats(run.seq_len)
     opt = adamw(model, run.lr, run.weight_decay)
     gen = torch.Generator().manual_seed(_seed(*key, "train"))
-    start, losses = time.perf_counter(), []
+    first, losses = 0, []
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        gen.set_state(saved["gen"])
+        first, losses = saved["step"], saved["losses"]
+        progress(first, run.steps)
+    start = time.perf_counter() - (checkpoint.before if checkpoint is not None else 0.0)
     model.train()
     diverged = None  # the step at which training blew up (a result, not a crash)
-    for step in range(run.steps):
+    for step in range(first, run.steps):
         for group in opt.param_groups:
             group["lr"] = run.lr * _schedule(step, run.steps, run.warmup)
         try:
@@ -244,6 +258,10 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None]) -> dict:
             break
         losses.append(loss)
         progress(step + 1, run.steps)
+        if checkpoint is not None and step + 1 < run.steps and checkpoint.due():
+            checkpoint.save({"step": step + 1, "model": model.state_dict(),
+                             "opt": opt.state_dict(), "gen": gen.get_state(),
+                             "losses": losses})
     seconds = time.perf_counter() - start
     test = run.data(run.n_test, run.seq_len, torch.Generator().manual_seed(_seed(*key, "test")))
     tail = losses[-10:]
