@@ -221,7 +221,7 @@ def test_an_interrupted_mqar_run_continues_from_its_checkpoint_to_the_same_resul
         Checkpoint(path, every=0)
 
 
-def test_a_killed_sweep_continues_its_runs_in_flight(tmp_path):
+def test_a_killed_sweep_continues_its_runs_in_flight(tmp_path, capsys):
     """SIGKILL mid-run: the rerun takes the run up from its saved state (recorded as two
     segments), gives the uninterrupted run's result and leaves no state behind."""
     runs = [dict(TINY_MQAR, layer="deltanet", steps=400, lr=3e-3)]
@@ -237,6 +237,10 @@ def test_a_killed_sweep_continues_its_runs_in_flight(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not finished(out) and len(list((out / "partial").glob("*.pt"))) == 1
+    assert main(["sweep", str(path), "--out", str(out), "--dry-run"]) == 0
+    assert "part  mqar-deltanet" in capsys.readouterr().out
+    assert main(["sweep", str(path), "--out", str(out), "--checkpoint-every", "-1"]) == 2
+    assert "--checkpoint-every" in capsys.readouterr().err
     said = []
     summary = run_sweep(get_experiment(str(path)), out, workers=1, threads=1, progress=False,
                         checkpoint_every=0.05, log=said.append)
