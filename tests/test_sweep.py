@@ -219,6 +219,8 @@ def test_an_interrupted_mqar_run_continues_from_its_checkpoint_to_the_same_resul
         assert resumed[key] == whole[key], key
     with pytest.raises(ValueError, match="checkpoint_every"):
         Checkpoint(path, every=0)
+    path.write_bytes(b"not a checkpoint")  # unreadable (edited by hand): the run starts over
+    assert Checkpoint(path, every=1).load() is None
 
 
 def test_a_killed_sweep_continues_its_runs_in_flight(tmp_path, capsys):

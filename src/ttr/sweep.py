@@ -100,8 +100,12 @@ class Checkpoint:
 
         if not self.path.exists():
             return None
-        state = torch.load(self.path, weights_only=True)
-        self.before, self.segments = state.pop("_seconds"), state.pop("_segments") + 1
+        try:
+            state = torch.load(self.path, weights_only=True)
+            before, segments = state.pop("_seconds"), state.pop("_segments")
+        except Exception:  # cannot happen with atomic writes, unless edited: start over
+            return None
+        self.before, self.segments = before, segments + 1
         return state
 
     def due(self) -> bool:
@@ -120,7 +124,6 @@ class Checkpoint:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self._saved = time.monotonic()
-
 
 
 def get_experiment(name_or_path: str) -> ModuleType:
