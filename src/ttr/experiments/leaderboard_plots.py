@@ -111,11 +111,12 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.set_xscale("log", base=2)
             ts = sorted({r["seq_len"] for r in sel})
             ax.set_xticks(ts, [str(t) for t in ts])
-            partial = any(not r.get("complete", True) for r in sel)
-            ax.set(title=f"{variant}, P = {P}, d_model = {d}" + ("  (* = partial)"
-                                                                 if partial else ""),
-                   xlabel="T", ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
+            ax.set(title=f"{variant}, P = {P}, d_model = {d}", xlabel="T",
+                   ylabel="accuracy (best lr)", ylim=(-0.02, 1.02))
             ax.grid(alpha=0.3)
+        if any(not r.get("complete", True) for r in rows):  # under the panels: in a title it
+            # ran under the legend
+            fig.supxlabel("* a point whose learning rates have not all run yet", fontsize=8)
         _legend(fig, axes)
         written.append(out_dir / "mqar_vs_T.png")
         fig.savefig(written[-1], dpi=110)
