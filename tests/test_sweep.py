@@ -255,6 +255,26 @@ def test_a_killed_sweep_continues_its_runs_in_flight(tmp_path, capsys):
     assert (out / "partial" / ".gitignore").read_text() == "*\n"
 
 
+def test_a_second_sweep_on_the_same_directory_is_refused(tmp_path):
+    """While one sweep holds DIR (its lock), another is refused before it touches any file;
+    once the first ends, the directory is free again."""
+    fcntl = pytest.importorskip("fcntl")
+    path = _experiment(tmp_path, TINY_RUNS[-1:])
+    out = tmp_path / "out"
+    (out / "partial").mkdir(parents=True)
+    with open(out / "partial" / ".lock", "w") as held:  # the first sweep, as the kernel sees it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242\n")
+        held.flush()
+        with pytest.raises(ValueError, match="another ttr sweep is running on .*pid 4242"):
+            run_sweep(get_experiment(str(path)), out, workers=1, progress=False,
+                      log=lambda s: None)
+        assert not (out / "runs").exists()
+    summary = run_sweep(get_experiment(str(path)), out, workers=1, progress=False,
+                        log=lambda s: None)
+    assert summary["ran"] == 1
+
+
 def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, monkeypatch):
     """A run that raises leaves no result file and does not stop the others; the sweep ends
     with SweepFailed naming it, and a rerun retries only that run. (fork, so that the workers

@@ -16,6 +16,8 @@ Layout of a results directory:
                           "finished"}; <id> is a hash of the task and its full config
     partial/<label>-<id>.pt the training state of a run in flight (resumable tasks), removed
                           once its result is written; partial/.gitignore keeps them out of git
+    partial/.lock         held (flock) by the sweep running on the directory: a second one is
+                          refused
 
 Resumability. A worker writes its result to a temporary file in runs/, fsyncs it and renames it
 into place, so a run's file exists only once the run has finished; a restart skips every run
@@ -40,6 +42,7 @@ import queue
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -291,78 +294,104 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
             raise ValueError(f"--out: {out_dir} holds the {meta.get('mode')} sweep of "
                              f"{meta.get('experiment')!r}, not the {mode} sweep of {name!r}; "
                              f"expected a fresh directory")
-    (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    (out_dir / "partial").mkdir(exist_ok=True)
-    (out_dir / "partial" / ".gitignore").write_text("*\n")  # transient: never committed
-    for stale in [*(out_dir / "runs").glob(".*.tmp"), *(out_dir / "partial").glob(".*.tmp")]:
-        stale.unlink()  # partial writes of killed workers
-    if not meta_path.exists():
-        write_json_atomic(meta_path, {"experiment": name, "mode": mode, "command": command,
-                                      "spec": getattr(experiment, "SPEC", name),
-                                      "started": datetime.now(timezone.utc).isoformat(
-                                          timespec="seconds")})
-    done = finished(out_dir)
-    todo = [r for r in runs if r.id not in done]
-    resumed = [r for r in todo if partial_path(out_dir, r).exists()]
-    summary = {"total": len(runs), "skipped": len(runs) - len(todo), "ran": 0, "failed": [],
-               "resumed": len(resumed), "seconds": 0.0}
-    if not todo:
-        log(f"ttr sweep: all {len(runs)} runs of {name} ({mode}) are already in {out_dir}; "
-            f"nothing to do")
+    (out_dir / "partial").mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir / "partial" / ".lock", out_dir):  # before touching any file
+        (out_dir / "runs").mkdir(exist_ok=True)
+        (out_dir / "partial" / ".gitignore").write_text("*\n")  # transient: never committed
+        for stale in [*(out_dir / "runs").glob(".*.tmp"), *(out_dir / "partial").glob(".*.tmp")]:
+            stale.unlink()  # partial writes of killed workers
+        if not meta_path.exists():
+            write_json_atomic(meta_path, {"experiment": name, "mode": mode, "command": command,
+                                          "spec": getattr(experiment, "SPEC", name),
+                                          "started": datetime.now(timezone.utc).isoformat(
+                                              timespec="seconds")})
+        done = finished(out_dir)
+        todo = [r for r in runs if r.id not in done]
+        resumed = [r for r in todo if partial_path(out_dir, r).exists()]
+        summary = {"total": len(runs), "skipped": len(runs) - len(todo), "ran": 0, "failed": [],
+                   "resumed": len(resumed), "seconds": 0.0}
+        if not todo:
+            log(f"ttr sweep: all {len(runs)} runs of {name} ({mode}) are already in {out_dir}; "
+                f"nothing to do")
+            return summary
+        if summary["skipped"]:
+            log(f"ttr sweep: {summary['skipped']} of {len(runs)} runs already finished; "
+                f"running the other {len(todo)}")
+        if resumed and checkpoint_every:
+            log(f"ttr sweep: {len(resumed)} of them continue from their saved state "
+                f"({', '.join(r.label for r in resumed[:3])}{', ...' if len(resumed) > 3 else ''})")
+        workers = workers or os.cpu_count() or 1
+        workers = max(1, min(workers, len(todo)))
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        start = time.perf_counter()
+        ctx = mp.get_context(start_method)  # spawn: no fork after torch's thread pools exist
+        manager = ctx.Manager() if progress else None
+        pq = manager.Queue() if manager else None
+        total_bar = tqdm(total=len(runs), initial=summary["skipped"], desc=f"sweep {name}",
+                         unit="run", disable=not progress, dynamic_ncols=True, position=0)
+        bars: dict[str, tuple[tqdm, int]] = {}  # run id -> (its bar, the bar's screen line)
+        free = list(range(1, workers + 1))
+        try:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(threads,)) as pool:
+                pending = {pool.submit(_work, r, str(out_dir), pq, checkpoint_every): r
+                           for r in todo}
+                while pending:
+                    ready, _ = wait(pending, timeout=0.3, return_when=FIRST_COMPLETED)
+                    _drain(pq, bars, free)
+                    for fut in ready:
+                        run = pending.pop(fut)
+                        try:
+                            fut.result()
+                            summary["ran"] += 1
+                        except Exception as e:  # no result file: a rerun retries it
+                            summary["failed"].append(run.file_name)
+                            tqdm.write(f"ttr sweep: run {run.label} failed: {type(e).__name__}: "
+                                       f"{str(e)[:300]}")
+                        total_bar.update(1)
+                        bar, line = bars.pop(run.id, (None, None))
+                        if bar is not None:
+                            free.append(line)
+                            bar.close()
+        finally:
+            for bar, _ in bars.values():
+                bar.close()
+            total_bar.close()
+            if manager is not None:
+                manager.shutdown()
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        log(f"ttr sweep: ran {summary['ran']} runs in {summary['seconds']:.0f} s "
+            f"({summary['skipped']} skipped); results in {out_dir / 'runs'}")
+        if summary["failed"]:
+            raise SweepFailed(f"{len(summary['failed'])} of {len(todo)} runs failed (their errors "
+                               f"are above; rerunning the sweep retries only them): "
+                               f"{', '.join(summary['failed'][:5])}")
         return summary
-    if summary["skipped"]:
-        log(f"ttr sweep: {summary['skipped']} of {len(runs)} runs already finished; "
-            f"running the other {len(todo)}")
-    if resumed and checkpoint_every:
-        log(f"ttr sweep: {len(resumed)} of them continue from their saved state "
-            f"({', '.join(r.label for r in resumed[:3])}{', ...' if len(resumed) > 3 else ''})")
-    workers = workers or os.cpu_count() or 1
-    workers = max(1, min(workers, len(todo)))
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    start = time.perf_counter()
-    ctx = mp.get_context(start_method)  # spawn: no fork after torch's thread pools exist
-    manager = ctx.Manager() if progress else None
-    pq = manager.Queue() if manager else None
-    total_bar = tqdm(total=len(runs), initial=summary["skipped"], desc=f"sweep {name}",
-                     unit="run", disable=not progress, dynamic_ncols=True, position=0)
-    bars: dict[str, tuple[tqdm, int]] = {}  # run id -> (its bar, the bar's screen line)
-    free = list(range(1, workers + 1))
+
+
+@contextmanager
+def _exclusive(lock: Path, out_dir: Path):
+    """Hold an exclusive lock on `lock` while a sweep runs on `out_dir`: a second sweep on the
+    same directory would run the same runs and remove the first one's temporary files. The
+    kernel drops the lock with the process, however it ends (flock, not a pid file)."""
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
-            pending = {pool.submit(_work, r, str(out_dir), pq, checkpoint_every): r
-                       for r in todo}
-            while pending:
-                ready, _ = wait(pending, timeout=0.3, return_when=FIRST_COMPLETED)
-                _drain(pq, bars, free)
-                for fut in ready:
-                    run = pending.pop(fut)
-                    try:
-                        fut.result()
-                        summary["ran"] += 1
-                    except Exception as e:  # no result file: a rerun retries it
-                        summary["failed"].append(run.file_name)
-                        tqdm.write(f"ttr sweep: run {run.label} failed: {type(e).__name__}: "
-                                   f"{str(e)[:300]}")
-                    total_bar.update(1)
-                    bar, line = bars.pop(run.id, (None, None))
-                    if bar is not None:
-                        free.append(line)
-                        bar.close()
-    finally:
-        for bar, _ in bars.values():
-            bar.close()
-        total_bar.close()
-        if manager is not None:
-            manager.shutdown()
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    log(f"ttr sweep: ran {summary['ran']} runs in {summary['seconds']:.0f} s "
-        f"({summary['skipped']} skipped); results in {out_dir / 'runs'}")
-    if summary["failed"]:
-        raise SweepFailed(f"{len(summary['failed'])} of {len(todo)} runs failed (their errors "
-                           f"are above; rerunning the sweep retries only them): "
-                           f"{', '.join(summary['failed'][:5])}")
-    return summary
+        import fcntl
+    except ImportError:  # not on Windows: no lock there
+        yield
+        return
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"--out: another ttr sweep is running on {out_dir} "
+                             f"({f.read().strip() or 'pid unknown'}); expected it to have "
+                             f"ended") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def _drain(pq, bars: dict, free: list) -> None:
