@@ -307,7 +307,7 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
                                               timespec="seconds")})
         done = finished(out_dir)
         todo = [r for r in runs if r.id not in done]
-        resumed = [r for r in todo if partial_path(out_dir, r).exists()]
+        resumed = [r for r in todo if checkpoint_every and partial_path(out_dir, r).exists()]
         summary = {"total": len(runs), "skipped": len(runs) - len(todo), "ran": 0, "failed": [],
                    "resumed": len(resumed), "seconds": 0.0}
         if not todo:
@@ -317,7 +317,7 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
         if summary["skipped"]:
             log(f"ttr sweep: {summary['skipped']} of {len(runs)} runs already finished; "
                 f"running the other {len(todo)}")
-        if resumed and checkpoint_every:
+        if resumed:
             log(f"ttr sweep: {len(resumed)} of them continue from their saved state "
                 f"({', '.join(r.label for r in resumed[:3])}{', ...' if len(resumed) > 3 else ''})")
         workers = workers or os.cpu_count() or 1
