@@ -407,7 +407,8 @@ def _drain(pq, bars: dict, free: list) -> None:
             if not free:
                 continue
             line = free.pop(0)
-            bars[run_id] = tqdm(total=total, desc=label, position=line, leave=False,
-                                dynamic_ncols=True), line
+            # initial: a resumed run starts part-way, and its rate counts only new steps
+            bars[run_id] = tqdm(total=total, initial=done, desc=label, position=line,
+                                leave=False, dynamic_ncols=True), line
         bar = bars[run_id][0]
         bar.update(done - bar.n)
