@@ -176,7 +176,9 @@ def _mqar_section(rows: list[dict]) -> list[str]:
             table.append([layer, first["family"], *(first[a] for a in AXES), f"{state:,}",
                           *(_cell(pts.get(p)) for p in points),
                           _pct(mean[layer]) if layer in mean else "-"])
-        chance = vr[0]["chance"]
+        by_p = sorted({(r["num_pairs"], r["chance"]) for r in vr})  # chance depends on P
+        chance = (_pct(by_p[0][1]) if len({c for _, c in by_p}) == 1 else
+                  ", ".join(f"{_pct(c)} at P = {P}" for P, c in by_p))
         if len(common) == len(points):
             over = "the grid points"
         elif common:
@@ -187,7 +189,7 @@ def _mqar_section(rows: list[dict]) -> list[str]:
                     "so these means are not comparable)")
         partial = any(not r["complete"] for r in vr)
         lines += [f"### MQAR, {variant} variant", "",
-                  f"Best accuracy over learning rates (chance {_pct(chance)}); state size in "
+                  f"Best accuracy over learning rates (chance {chance}); state size in "
                   f"floats per sequence at the first grid point; mean over {over}; layers by "
                   "mean accuracy." + (" `*`: not every learning rate of that point has "
                                       "finished yet." if partial else ""), "",
