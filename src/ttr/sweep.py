@@ -39,6 +39,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -225,10 +226,21 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 # -- workers ------------------------------------------------------------------------------------
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int, every: float = 1.0) -> None:
+    """End this worker within `every` seconds of the sweep's own process. A worker outlives a
+    `kill` of the sweep's process alone (only a signal to the whole process group reaches it):
+    it went on with its run and the runs queued for it, beside the workers of the restarted
+    sweep, two runs per core (seen on the fig3 sweep). Its saved state stays for the restart."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _work(run: Run, out_dir: str, progress_queue, checkpoint_every: float | None
@@ -333,7 +345,7 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
         free = list(range(1, workers + 1))
         try:
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(threads,)) as pool:
+                                     initargs=(threads, os.getpid())) as pool:
                 pending = {pool.submit(_work, r, str(out_dir), pq, checkpoint_every): r
                            for r in todo}
                 while pending:
