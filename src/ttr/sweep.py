@@ -263,7 +263,8 @@ def _work(run: Run, out_dir: str, progress_queue, checkpoint_every: float | None
         result = task.run(run.config, progress, ckpt)
     else:
         ckpt, result = None, task.run(run.config, progress)
-    seconds = time.perf_counter() - start + (ckpt.before if ckpt else 0.0)
+    # with a checkpoint, the earlier segments' time too
+    seconds = ckpt.seconds() if ckpt else time.perf_counter() - start
     record = {"task": run.task, "config": asdict(run.config), "label": run.label,
               "result": result, "seconds": round(seconds, 3),
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
