@@ -73,12 +73,14 @@ def test_duplicate_runs_and_unknown_experiments_are_errors(tmp_path):
 
 def test_shipped_experiments_are_valid():
     sizes = {name: (len(plan(get_experiment(name), True)), len(plan(get_experiment(name), False)))
-             for name in ("mqar_catalogue", "online_regression_catalogue", "fig2", "fig3")}
+             for name in ("mqar_catalogue", "online_regression_catalogue", "fig2", "fig3",
+                          "fig3_rls")}
     n = len(catalog.names())
     assert sizes["mqar_catalogue"][0] == n * 2 * 2  # every entry, both variants, 2 lrs
     paper = sum(fn is not None for fn in METHODS.values())
     assert sizes["online_regression_catalogue"][0] == (n + paper) * 3
     assert sizes["fig2"] == (paper, paper)
+    assert sizes["fig3_rls"] == (6, 6)
 
 
 def test_sweep_runs_everything_once_and_a_rerun_does_nothing(tmp_path):
@@ -511,3 +513,70 @@ def test_matched_pairs_of_losses_skip_diverged_runs():
                                                  lambda x: f"{x:+.3f}", str)
     assert "| optimizer | 1 GD step from 0 -> exact | 1 | - | -0.300 | -0.300 |" in summary
     assert "| optimizer | la -> rls | - | -0.300 | -0.300 |" in detail
+
+
+def test_the_committed_results_keep_their_run_ids():
+    """Every result file under docs/results/sweeps is a run its experiment still plans (same
+    id): a config field added later (default None, left out of the id) must not orphan the
+    recorded runs, which a restarted sweep would otherwise run again."""
+    root = Path(__file__).resolve().parents[1] / "docs" / "results" / "sweeps"
+    dirs = [d for d in sorted(root.iterdir()) if (d / "sweep.json").exists()]
+    assert dirs
+    for d in dirs:
+        meta = json.loads((d / "sweep.json").read_text())
+        planned = {r.file_name for r in plan(get_experiment(meta["experiment"]),
+                                             meta["mode"] == "quick")}
+        files = {f.name for f in (d / "runs").glob("*.json")}
+        assert files and files <= planned, (d.name, sorted(files - planned)[:3])
+
+
+RLS_RUN = {**{k: v for k, v in TINY_MQAR.items() if k != "task"}, "source": "recipe",
+           "layer": "rls", "variant": "paper", "n_layers": 1, "mlp": False}
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(ridge=0.0), "MQARRun.ridge: expected a number > 0 or None, got 0.0"),
+    (dict(ridge="1"), "MQARRun.ridge: expected a number > 0 or None, got '1'"),
+    (dict(ridge=0.1, layer="linear_attention"), "only the 'rls' recipe layer"),
+    (dict(ridge=0.1, source="catalog", layer="mesa"), "only the 'rls' recipe layer"),
+])
+def test_mqar_ridge_is_validated(over, message):
+    with pytest.raises(ValueError, match=message):
+        MQARRun.from_dict({**RLS_RUN, **over})
+
+
+def test_mqar_ridge_reaches_the_rls_layer_and_none_is_fig3s(tmp_path):
+    """ridge=None is fig3's 1.0, result for result; another ridge trains another model; and a
+    set ridge is in the run's label and id, an unset one in neither."""
+    result = {r: run_mqar(MQARRun.from_dict({**RLS_RUN, "ridge": r}), lambda *a: None)
+              for r in (None, 1.0, 1e-3)}
+    assert result[None]["final_loss"] == result[1.0]["final_loss"]
+    assert result[1e-3]["final_loss"] != result[1.0]["final_loss"]
+    none, one = (MQARRun.from_dict({**RLS_RUN, "ridge": r}) for r in (None, 1.0))
+    assert none.label().endswith("-lr0.003") and one.label().endswith("-lr0.003-ridge1")
+    runs = [{"task": "mqar", **RLS_RUN}, {"task": "mqar", **RLS_RUN, "ridge": 1.0}]
+    ids = [r.id for r in plan(get_experiment(str(_experiment(tmp_path, runs))), False)]
+    assert len(set(ids)) == 2
+
+
+def test_an_ablations_settings_are_rows_of_their_own():
+    """Runs of one layer at one grid point that differ in a field besides the learning rate
+    (an ablation's ridge or steps) are separate rows, named by those fields, not one
+    learning-rate sweep; a field that changes only between grid points names nothing."""
+    def record(layer, lr, acc, **over):
+        config = dict(dict(layer=layer, source="recipe", variant="paper", d_model=8,
+                           num_pairs=2, seq_len=16, lr=lr, steps=100), **over)
+        return {"config": config, "result": dict(accuracy=acc, state_floats=64, params=1,
+                                                 chance=0.5)}
+
+    done = [record("rls", 1e-3, 0.9, ridge=1.0), record("rls", 1e-2, 0.8, ridge=1.0),
+            record("rls", 1e-3, 0.7, ridge=0.01), record("rls", 1e-3, 0.95),
+            record("linear_attention", 1e-3, 0.6), record("linear_attention", 1e-3, 0.5,
+                                                          steps=200)]
+    rows = {r["layer"]: r["accuracy"] for r in leaderboard.mqar_rows(done)}
+    assert rows == {"rls (recipe) ridge=1 steps=100": 0.9, "rls (recipe) ridge=0.01 steps=100":
+                    0.7, "rls (recipe) steps=100": 0.95, "linear_attention (recipe) steps=100":
+                    0.6, "linear_attention (recipe) steps=200": 0.5}
+    # steps changing with T (as a catalogue grid might) is not an ablation
+    grid = [record("rls", 1e-3, 0.9), record("rls", 1e-3, 0.8, seq_len=32, steps=200)]
+    assert {r["layer"] for r in leaderboard.mqar_rows(grid)} == {"rls (recipe)"}

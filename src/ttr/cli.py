@@ -228,8 +228,8 @@ def bench(
 def sweep(
     experiment: Annotated[str, typer.Argument(
         metavar="EXPERIMENT",
-        help="mqar_catalogue, online_regression_catalogue, fig2, fig3, or a .py file that "
-             "defines runs(quick) -> list[dict].")],
+        help="mqar_catalogue, online_regression_catalogue, fig2, fig3, fig3_rls, or a .py "
+             "file that defines runs(quick) -> list[dict].")],
     out: Annotated[Path | None, _opt("--out", "-o", metavar="DIR",
                                      help="Results directory [default: results/sweeps/"
                                           "EXPERIMENT-quick|full].")] = None,

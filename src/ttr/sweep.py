@@ -183,7 +183,10 @@ def plan(experiment: ModuleType, quick: bool) -> list[Run]:
             config = task.config.from_dict(fields)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where} ({_short(fields)}): {e}") from None
-        canonical = json.dumps({"task": spec["task"], **asdict(config)}, sort_keys=True)
+        # None-valued fields are left out, so that a field added later with default None
+        # leaves the ids, and so the result files, of the runs recorded before it valid
+        canonical = json.dumps({"task": spec["task"], **{k: v for k, v in asdict(config).items()
+                                                         if v is not None}}, sort_keys=True)
         run_id = hashlib.sha256(canonical.encode()).hexdigest()[:10]
         if run_id in seen:
             raise ValueError(f"{where}: the same run as config {seen[run_id]} ({_short(fields)})")

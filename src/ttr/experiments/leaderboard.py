@@ -78,22 +78,47 @@ def _name(record: dict) -> str:
     return layer if c["source"] == "catalog" else f"{layer} ({c['source']})"
 
 
-def _mqar_key(record: dict) -> tuple:
+# The config fields that place an MQAR run on the grid, or in its point's learning-rate sweep.
+_GRID = ("layer", "source", "variant", "d_model", "num_pairs", "seq_len", "lr")
+
+
+def _varied(configs: list[dict]) -> list[str]:
+    """The fields outside the grid whose value differs between the runs of one layer at one
+    grid point: an ablation's (ridge, steps, seed, ...), which the best-over-learning-rates
+    must not merge. (Fields that change only from point to point, as a catalogue sweep's
+    vocabulary with P, name nothing.) A field that a config lacks (recorded before it existed)
+    counts as None, its default."""
+    fields = sorted({k for c in configs for k in c} - set(_GRID))
+    groups = defaultdict(list)
+    for c in configs:
+        groups[tuple(json.dumps(c.get(k)) for k in _GRID if k != "lr")].append(c)
+    return [k for k in fields
+            if any(len({json.dumps(c.get(k)) for c in g}) > 1 for g in groups.values())]
+
+
+def _mqar_key(record: dict, varied: list[str] = ()) -> tuple:
+    """(layer, variant, d_model, P, T); the layer's name carries the varied fields it sets
+    (None: not set), so that an ablation's settings are rows of their own and not one
+    learning-rate sweep: "rls (recipe) ridge=0.1 steps=2000"."""
     c = record["config"]
-    return (_name(record), c["variant"], c["d_model"], c["num_pairs"], c["seq_len"])
+    name = " ".join([_name(record)] + [f"{k}={c[k]:g}" if isinstance(c[k], float) else
+                                       f"{k}={c[k]}" for k in varied if c.get(k) is not None])
+    return (name, c["variant"], c["d_model"], c["num_pairs"], c["seq_len"])
 
 
 def mqar_rows(records: list[dict], planned: list[dict] | None = None) -> list[dict]:
     """One row per (layer, variant, d_model, P, T): the best accuracy over learning rates.
+    A sweep that also varies other fields (an ablation) gets one row per their values too.
 
     planned: the sweep's MQAR run records-to-be ({"config": ...}), if known; a row is then
     `complete` when every run planned at its point has finished (else its best is over the
     learning rates finished so far). Without a plan every row counts as complete."""
+    varied = _varied([r["config"] for r in [*records, *(planned or ())]])
     best: dict[tuple, dict] = {}
     done: dict[tuple, int] = defaultdict(int)
     for r in records:
         c, res = r["config"], r["result"]
-        key = _mqar_key(r)
+        key = _mqar_key(r, varied)
         done[key] += 1
         if key not in best or res["accuracy"] > best[key]["accuracy"]:
             best[key] = dict(layer=key[0], source=c["source"], variant=key[1], d_model=key[2],
@@ -103,7 +128,7 @@ def mqar_rows(records: list[dict], planned: list[dict] | None = None) -> list[di
                              **choices(c["layer"], c["source"]))
     want: dict[tuple, int] = defaultdict(int)
     for r in planned or ():
-        want[_mqar_key(r)] += 1
+        want[_mqar_key(r, varied)] += 1
     for key, row in best.items():
         row["complete"] = planned is None or done[key] >= want[key]
     return sorted(best.values(), key=lambda x: (x["variant"], x["layer"], x["d_model"],

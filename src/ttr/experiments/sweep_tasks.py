@@ -98,6 +98,10 @@ class MQARRun:
     weight_decay: float = 0.1
     n_test: int = 256
     seed: int = 0
+    # the 'rls' recipe layer's ridge (Eq. 11's lambda); None: 1.0, as in fig3. None-valued
+    # fields are left out of a run's id (`ttr.sweep.plan`), so this field kept the ids of the
+    # runs recorded before it
+    ridge: float | None = None
 
     def __post_init__(self):
         c = "MQARRun"
@@ -132,14 +136,23 @@ class MQARRun:
             raise ValueError(f"{c}.warmup: expected a fraction in [0, 1), got {self.warmup!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"{c}.weight_decay: expected >= 0, got {self.weight_decay!r}")
+        if self.ridge is not None:
+            if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) \
+                    or not self.ridge > 0:
+                raise ValueError(f"{c}.ridge: expected a number > 0 or None, got {self.ridge!r}")
+            if (self.source, self.layer) != ("recipe", "rls"):
+                raise ValueError(f"{c}.ridge: only the 'rls' recipe layer has a ridge to set; "
+                                 f"got ridge={self.ridge!r} with source={self.source!r}, "
+                                 f"layer={self.layer!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> MQARRun:
         return from_dict(cls, d)
 
     def label(self) -> str:
+        ridge = "" if self.ridge is None else f"-ridge{self.ridge:g}"
         return (f"mqar-{self.layer}-{self.variant}-d{self.d_model}-P{self.num_pairs}"
-                f"-T{self.seq_len}-lr{self.lr:g}")
+                f"-T{self.seq_len}-lr{self.lr:g}{ridge}")
 
     @property
     def vocab(self) -> int:
@@ -224,7 +237,8 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None],
     key = (run.seed, run.variant, run.num_pairs, run.seq_len, run.vocab)
     torch.manual_seed(_seed(*key, "init", run.layer, run.d_model))
     if run.source == "recipe":
-        model = MQARModel(layer_recipe(run.layer, 1.0), run.vocab, run.d_model,
+        model = MQARModel(layer_recipe(run.layer, 1.0 if run.ridge is None else run.ridge),
+                          run.vocab, run.d_model,
                           form="chunk" if run.layer == "rls" else None)
         state = model.mixer.state_size(run.seq_len)
     else:
