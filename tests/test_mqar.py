@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ttr.experiments.mqar import MQARConfig, MQARModel, layer_recipe, run, train
-from ttr.tasks.mqar import IGNORE, paper_mqar, zoology_mqar
+from ttr.tasks.mqar import IGNORE, paper_mqar, paper_mqar_load, zoology_mqar
 
 
 def gen(seed=0):
@@ -150,3 +150,19 @@ def test_config_validation():
         assert MQARConfig.full(variant).train_seq_len is None
     # narrowing a preset keeps its per-layer forms valid
     assert MQARConfig.from_dict({**vars(MQARConfig.quick()), "layers": ["linear_attention"]})
+
+
+@pytest.mark.parametrize("P, T", [(4, 16), (16, 64), (128, 512)])
+def test_paper_mqar_load_is_the_mean_count_of_distinct_pairs_before_an_answered_query(P, T):
+    """The closed form against the generator: count, at every answered query, the distinct
+    cues before it, and average."""
+    inputs, targets = paper_mqar(4000, T, P, torch.Generator().manual_seed(0))
+    cues, answered = inputs[:, 0::2], targets[:, 0::2] != IGNORE
+    seen = torch.zeros(cues.shape[0], P, dtype=torch.bool)
+    load = torch.zeros(cues.shape, dtype=torch.float64)
+    for s in range(cues.shape[1]):
+        load[:, s] = seen.sum(1)
+        seen[torch.arange(cues.shape[0]), cues[:, s]] = True
+    assert paper_mqar_load(T, P) == pytest.approx(load[answered].mean().item(), rel=5e-3)
+    with pytest.raises(ValueError, match="seq_len: expected an int >= 4, got 2"):
+        paper_mqar_load(2, P)

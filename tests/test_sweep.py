@@ -431,6 +431,9 @@ def test_a_partial_leaderboard_ranks_on_the_points_every_layer_has_finished():
         record("rls", 16, lr, 0.9) for lr in (1e-3, 1e-2)] + [record("rls", 32, 1e-3, 0.1)]
     text = "\n".join(leaderboard._mqar_section(leaderboard.mqar_rows(done, planned)))
     assert "mean over the 1 of 2 grid points that every layer has finished (d=8 P=2 T=16)" in text
+    from ttr.tasks.mqar import paper_mqar_load
+
+    assert f"d=8 P=2 T=32: {paper_mqar_load(32, 2):.1f}." in text  # the paper variant's load
     rows = {line.split("|")[1].strip(): line for line in text.splitlines()
             if line.startswith("| linear_attention (recipe)") or line.startswith("| rls (recipe)")}
     assert rows["linear_attention (recipe)"].rstrip(" |").endswith("100.0%")

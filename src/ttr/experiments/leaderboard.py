@@ -220,6 +220,7 @@ def _mqar_section(rows: list[dict]) -> list[str]:
                                       "finished yet." if partial else ""), "",
                   markdown_table(["layer", "family", *AXES, "state",
                                   *(_point(p) for p in points), "mean"], table), "",
+                  *_load_lines(variant, points),
                   f"Design axes ({variant}): the layers' means above, averaged over the layers "
                   "taking each choice.", "",
                   _axis_table([dict(per_layer[n][next(iter(per_layer[n]))], accuracy=mean[n])
@@ -236,6 +237,18 @@ def _mqar_section(rows: list[dict]) -> list[str]:
             "still differ in what the axes do not record (feature map, parameterization, state "
             "size).", *_matched_pairs(per_layer, points))
     return lines
+
+
+def _load_lines(variant: str, points: list) -> list[str]:
+    """The paper variant draws its pairs with replacement, so a query's memory holds fewer than
+    P pairs: the mean number it holds (`paper_mqar_load`) per grid point, next to d_model."""
+    if variant != "paper":
+        return []
+    from ttr.tasks.mqar import paper_mqar_load
+
+    loads = ", ".join(f"{_point(p)}: {paper_mqar_load(p[2], p[1]):.1f}" for p in points)
+    return [f"Memory load (the paper variant draws its pairs with replacement): the distinct "
+            f"pairs before an answered query, on average, to set beside d_model. {loads}.", ""]
 
 
 def _pairs_lines(intro: str, summary: str, detail: str) -> list[str]:
