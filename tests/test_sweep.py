@@ -106,6 +106,7 @@ def test_sweep_runs_everything_once_and_a_rerun_does_nothing(tmp_path):
     assert "Design axes" in text and "Partial" not in text
     for key in ("mqar_csv", "mqar_vs_state", "regression_switch", "regression_noisy"):
         assert files[key].stat().st_size > 0
+    assert "mqar_vs_load" not in files  # one paper-variant point: no load axis to draw
 
 
 def test_a_killed_sweep_resumes_losing_only_the_runs_in_flight(tmp_path):
@@ -408,7 +409,7 @@ def test_report_plots_accuracy_against_T_and_d_model(tmp_path):
     run_sweep(get_experiment(str(_experiment(tmp_path, runs))), out, workers=2,
               progress=False, log=lambda s: None, start_method="fork")
     files = leaderboard.write(out)
-    for key in ("mqar_vs_T", "mqar_vs_d", "mqar_vs_state"):
+    for key in ("mqar_vs_T", "mqar_vs_d", "mqar_vs_state", "mqar_vs_load"):
         assert files[key].stat().st_size > 0
     text = files["leaderboard"].read_text()
     assert "rls (recipe)" in text and "d=16 P=2 T=16" in text

@@ -14,6 +14,8 @@ Written into RESULTS_DIR:
   mqar.csv, regression.csv   the same numbers, one row per (layer, grid point).
   mqar_vs_T.png          accuracy vs T, one panel per (variant, P) (only if T varies per P)
   mqar_vs_d.png          accuracy vs d_model, one panel per (variant, P, T) (if d varies)
+  mqar_vs_load.png       paper variant: accuracy vs the memory load, the distinct pairs
+                         before an answered query (if P or T varies)
   mqar_vs_state.png      accuracy vs recurrent state size (zoology's recall-vs-memory plot)
   regression_<variant>.png  loss vs t, one line per layer, families by colour.
 (the plots: `ttr.experiments.leaderboard_plots`)

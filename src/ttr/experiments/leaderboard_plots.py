@@ -120,6 +120,9 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
         _legend(fig, axes)
         written.append(out_dir / "mqar_vs_T.png")
         fig.savefig(written[-1], dpi=110)
+    paper = [r for r in rows if r["variant"] == "paper"]
+    if len({(r["num_pairs"], r["seq_len"]) for r in paper}) > 1:
+        written.append(_plot_vs_load(paper, out_dir))
     points = sorted({(r["variant"], r["num_pairs"], r["seq_len"]) for r in rows})
     if any(len({r["d_model"] for r in rows if (r["variant"], r["num_pairs"], r["seq_len"])
                 == point}) > 1 for point in points):
@@ -169,6 +172,62 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
     written.append(out_dir / "mqar_vs_state.png")
     fig.savefig(written[-1], dpi=110)
     return written
+
+
+def _plot_vs_load(rows: list[dict], out_dir: Path) -> Path:
+    """The paper variant's accuracy against its memory load, the distinct pairs before an
+    answered query (`ttr.tasks.mqar.paper_mqar_load`), one panel per d_model, one line per
+    layer, a marker per P. The variant draws its pairs with replacement, so T moves the load
+    too; on this axis the points of every (P, T) line up, and a linear memory's recall can be
+    read against d_model (Section 6: memory capacity, not T, limits recall)."""
+    from ttr.tasks.mqar import paper_mqar_load
+
+    ds, ps = sorted({r["d_model"] for r in rows}), sorted({r["num_pairs"] for r in rows})
+    layers = sorted({r["layer"] for r in rows})
+    # a few layers: a colour and line style each, in the legend; a catalogue's dozens: a colour
+    # per family in the legend, and the layers below LABEL_BELOW named at their lowest point
+    many = len(layers) > 10
+    # the accuracy axis from the lowest point's tenth down: on [0, 1] the layers' differences
+    # near capacity, a few points, were one line
+    low = max(0.0, math.floor(10 * (min(r["accuracy"] for r in rows) - 0.02)) / 10)
+    fig, axes = _figure(len(ds), width=5.5)
+    for ax, d in zip(axes, ds, strict=True):
+        sel = [r for r in rows if r["d_model"] == d]
+        labels = []
+        for layer in sorted({r["layer"] for r in sel}):
+            i = layers.index(layer)
+            pts = sorted(((paper_mqar_load(r["seq_len"], r["num_pairs"]), r["accuracy"], r)
+                          for r in sel if r["layer"] == layer), key=lambda p: p[:2])
+            fam = pts[0][2]["family"]
+            color = FAMILY_COLORS.get(fam) if many else f"C{i % 10}"
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], color=color, alpha=0.9,
+                    ls="-" if many else LINESTYLES[i % len(LINESTYLES)],
+                    lw=0.8 if many else 1.5, label=fam if many else layer)
+            for x, y, r in pts:
+                ax.plot([x], [y], ls="", marker=MARKERS[ps.index(r["num_pairs"])],
+                        markerfacecolor="none", color=color, alpha=0.9)
+                if not r.get("complete", True):
+                    ax.annotate("*", (x, y), xytext=(5, -12), textcoords="offset points",
+                                fontsize=9)
+            lowest = min(pts, key=lambda p: p[1])
+            if many and lowest[1] < LABEL_BELOW:
+                labels.append((layer, *lowest[:2]))
+        for j, P in enumerate(ps):  # the markers' key, once in the figure's legend
+            ax.plot([], [], ls="", marker=MARKERS[j], markerfacecolor="none", color="k",
+                    label=f"P = {P}")
+        ax.axvline(d, color="k", lw=0.8, ls=":", label="load = d_model")
+        ax.set(title=f"paper, d_model = {d}", ylabel="accuracy (best lr)",
+               ylim=(low - 0.01 * (1 - low), 1 + 0.01 * (1 - low)),
+               xlabel="load: pairs in memory at a query")
+        ax.grid(alpha=0.3)
+        if many:
+            _place_labels(ax, labels)
+            _note_unlabelled(ax)
+    if any(not r.get("complete", True) for r in rows):
+        fig.supxlabel("* a point whose learning rates have not all run yet", fontsize=8)
+    _legend(fig, axes)
+    fig.savefig(out_dir / "mqar_vs_load.png", dpi=110)
+    return out_dir / "mqar_vs_load.png"
 
 
 def plot_regression(rows: list[dict], out_dir: Path) -> list[Path]:
