@@ -584,3 +584,16 @@ def test_an_ablations_settings_are_rows_of_their_own():
     # steps changing with T (as a catalogue grid might) is not an ablation
     grid = [record("rls", 1e-3, 0.9), record("rls", 1e-3, 0.8, seq_len=32, steps=200)]
     assert {r["layer"] for r in leaderboard.mqar_rows(grid)} == {"rls (recipe)"}
+
+
+def test_the_load_numbers_quoted_in_the_experiments_are_the_closed_forms():
+    """fig3's and the catalogue's caveats quote `paper_mqar_load`; they must say what it says."""
+    from ttr.experiments.sweeps import fig3, mqar_catalogue
+    from ttr.tasks.mqar import paper_mqar_load
+
+    text = " ".join(fig3.CAVEATS)
+    for P, Ts in ((64, (128, 256, 512, 1024)), (128, (256, 512, 1024))):
+        assert " / ".join(f"{paper_mqar_load(T, P):.1f}" for T in Ts) in text
+    text = " ".join(mqar_catalogue.CAVEATS)
+    for P, T in ((32, 64), (64, 128)):
+        assert f"{paper_mqar_load(T, P):.1f} at P = {P} (T = {T})" in text

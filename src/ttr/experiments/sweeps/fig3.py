@@ -24,6 +24,17 @@ from ttr.experiments.mqar import LAYERS
 
 NAME = "fig3"
 
+CAVEATS = [
+    "memory load: the paper variant draws its pairs with replacement, so an answered query's "
+    "memory holds fewer than P distinct pairs (`ttr.tasks.mqar.paper_mqar_load`): at P = 64 "
+    "29.4 / 43.1 / 53.9 / 59.5 at T = 128 / 256 / 512 / 1024, below d_model = 64 at every T; "
+    "at P = 128 58.6 / 86.1 / 107.7 at T = 256 / 512 / 1024. Accuracy against T at P = 128 "
+    "therefore measures a load that grows with T, from below d_model at T = 256.",
+    "RLS below linear attention at P = 128, T = 512 (92.3% against 94.6%) is not its ridge "
+    "(0.01 / 0.1 / 1: 92.4 / 91.9 / 92.3%) nor the training length (4000 steps: RLS 93.1%, "
+    "linear attention 95.4%): the `fig3_rls` ablation, docs/results/sweeps/fig3_rls.",
+]
+
 
 def runs(quick: bool) -> list[dict]:
     one = dict(task="mqar", source="recipe", variant="paper", d_model=64, n_heads=1,

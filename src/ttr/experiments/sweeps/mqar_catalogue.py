@@ -8,7 +8,10 @@ key conv added where it has none), the 2P-token vocabulary.
 
 The zoology points are below capacity (P << d_model) and test whether a layer learns the
 association at all; the paper points put P at d_model or above it, where Section 6 says the
-optimizer matters (linear attention's outer-product memory saturates, RLS's does not).
+optimizer matters (linear attention's outer-product memory saturates, RLS's does not). P
+counts the pairs the task can draw, not those a query's memory holds: drawn with replacement,
+14.8 distinct cue pairs precede an answered query on average at P = 32, T = 64, and 29.4 at
+P = 64, T = 128 (`ttr.tasks.mqar.paper_mqar_load`; see CAVEATS).
 
 quick: one grid point per variant -- zoology d_model 64, P = 8, T = 64; paper d_model 32,
 P = 32, T = 64 -- with 300 steps of 32 sequences and lr in {3e-3, 1e-2}: 33 entries x 2
@@ -51,6 +54,11 @@ CAVEATS = [
     "0.36 per step, which forgets within a few tokens; it never learned there (loss ln 64 at "
     "every learning rate), while at P = 32 it drew a decay of 0.984 per step and reached 100%. "
     "Entries with MambaDecay (gated_deltanet, mamba2) rank by their draw at such points.",
+    "paper variant, memory load: its pairs are drawn with replacement, so an answered query's "
+    "memory holds on average fewer distinct cue pairs than P: 14.8 at P = 32 (T = 64), 29.4 "
+    "at P = 64 (T = 128), below d_model at every point, d_model 32 included. Above d_model are the "
+    "vocabulary (2P tokens) and the stored keys once the response -> next-cue transitions, as "
+    "many again, are counted; a key map can learn to silence those.",
     "the training budget (600 steps of 32 sequences; 300 in the quick configuration) is far "
     "below zoology's own, so entries that need longer training rank lower than they would "
     "there.",
