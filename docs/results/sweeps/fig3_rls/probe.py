@@ -1,0 +1,77 @@
+"""Where fig3's RLS loses recall at P = 128, T = 512: train a run of fig3 (LAYER: rls, ridge 1,
+or linear_attention; lr 1e-2, 2000 steps; the same config, so the same model as
+docs/results/sweeps/fig3-full), then
+
+1. score its 1000 test sequences as trained (float32, chunk form), in float64, and with the
+   parallel form (one exact batched solve per position): do float32 numerics cost recall?
+2. split the accuracy on 500 fresh sequences by the memory load of each answered query, the
+   distinct cue pairs before it (`ttr.tasks.mqar.paper_mqar_load` is its mean): does recall
+   fall where the load passes d_model = 64, as a linear memory's capacity says?
+
+    PYTHONPATH=src python docs/results/sweeps/fig3_rls/probe.py LAYER \
+        > docs/results/sweeps/fig3_rls/probe-LAYER.md
+
+One thread, ~10 minutes of training on the 2-core Xeon.
+"""
+
+import copy
+import dataclasses
+import sys
+
+import torch
+
+import ttr
+import ttr.experiments.mqar as mqar
+from ttr.experiments.sweep_tasks import MQARRun, run_mqar
+from ttr.tasks.mqar import IGNORE, paper_mqar
+
+ttr.tune_allocator()
+torch.set_num_threads(1)
+RUN = MQARRun.from_dict(dict(source="recipe", variant="paper", d_model=64, n_heads=1,
+                             n_layers=1, mlp=False, layer=sys.argv[1], num_pairs=128, seq_len=512,
+                             lr=1e-2, steps=2000, batch_size=64, n_test=1000))
+BUCKETS = [(0, 32), (32, 64), (64, 80), (80, 96), (96, 112), (112, 129)]
+
+scores, trained = {}, {}
+evaluate = mqar.evaluate
+
+
+def scoring(model, inputs, targets, **kw):
+    """run_mqar's evaluation, scoring the model three more ways and keeping it."""
+    trained["model"] = model
+    for name, dtype, form in (("float64, chunk", torch.float64, None),
+                              ("float32, parallel", torch.float32, "parallel"),
+                              ("float64, parallel", torch.float64, "parallel")):
+        m = copy.deepcopy(model).to(dtype)
+        if form:
+            m.mixer.config = dataclasses.replace(m.mixer.config, form=form)
+        scores[name] = evaluate(m, inputs, targets, **kw)
+    scores["float32, chunk (as trained)"] = evaluate(model, inputs, targets, **kw)
+    return scores["float32, chunk (as trained)"]
+
+
+mqar.evaluate = scoring
+result = run_mqar(RUN, lambda *a: None)
+print(f"# {RUN.layer} at P = 128, T = 512 (fig3's run, lr 1e-2): recorded accuracy "
+      f"{result['accuracy']:.4%}\n")
+print("| scored as | accuracy |\n|---|---|")
+for name in sorted(scores, key=lambda n: "as trained" not in n):
+    print(f"| {name} | {scores[name]:.4%} |")
+
+inputs, targets = paper_mqar(500, RUN.seq_len, RUN.num_pairs, torch.Generator().manual_seed(123))
+model = trained["model"].eval()
+with torch.no_grad():
+    right = model(inputs)[:, 0::2].argmax(-1) == targets[:, 0::2]  # [n, T/2] at the cues
+answered = targets[:, 0::2] != IGNORE
+cues = inputs[:, 0::2]
+seen = torch.zeros(cues.shape[0], RUN.num_pairs, dtype=torch.bool)
+load = torch.zeros(cues.shape, dtype=torch.long)
+for s in range(cues.shape[1]):
+    load[:, s] = seen.sum(1)
+    seen[torch.arange(cues.shape[0]), cues[:, s]] = True
+print(f"\nAccuracy by memory load (500 fresh sequences; d_model = {RUN.d_model}):\n")
+print("| distinct cue pairs before the query | queries | accuracy |\n|---|---|---|")
+for lo, hi in BUCKETS:
+    sel = answered & (load >= lo) & (load < hi)
+    print(f"| {lo}-{hi - 1} | {int(sel.sum())} | {right[sel].float().mean().item():.2%} |")
+print(f"| all | {int(answered.sum())} | {right[answered].float().mean().item():.2%} |")
