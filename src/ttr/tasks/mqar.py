@@ -85,7 +85,7 @@ def paper_mqar_load(seq_len: int, num_pairs: int) -> float:
     answered query, over all answered queries. Cues are drawn with replacement, so at P pairs
     and length T a query's memory holds fewer than P of them until T >> 2 P ln P; above
     d_model = D_k of them, a linear memory can no longer keep them apart (Section 6). At
-    P = 128 the load is 58.6 at T = 256 (below d_model = 64), 86.0 at T = 512, 107.7 at
+    P = 128 the load is 58.6 at T = 256 (below d_model = 64), 86.1 at T = 512, 107.7 at
     T = 1024: accuracy against T at fixed P measures a growing load too. (The memory also
     receives the response -> next cue transitions, as many again; cues and responses are
     different tokens, so a trained key map can silence those, and the cue pairs are the load
