@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ttr.experiments.mqar import MQARConfig, MQARModel, layer_recipe, run, train
-from ttr.tasks.mqar import IGNORE, paper_mqar, paper_mqar_load, zoology_mqar
+from ttr.tasks.mqar import IGNORE, paper_mqar, paper_mqar_load, paper_mqar_loads, zoology_mqar
 
 
 def gen(seed=0):
@@ -157,12 +157,15 @@ def test_paper_mqar_load_is_the_mean_count_of_distinct_pairs_before_an_answered_
     """The closed form against the generator: count, at every answered query, the distinct
     cues before it, and average."""
     inputs, targets = paper_mqar(4000, T, P, torch.Generator().manual_seed(0))
-    cues, answered = inputs[:, 0::2], targets[:, 0::2] != IGNORE
-    seen = torch.zeros(cues.shape[0], P, dtype=torch.bool)
-    load = torch.zeros(cues.shape, dtype=torch.float64)
-    for s in range(cues.shape[1]):
-        load[:, s] = seen.sum(1)
-        seen[torch.arange(cues.shape[0]), cues[:, s]] = True
-    assert paper_mqar_load(T, P) == pytest.approx(load[answered].mean().item(), rel=5e-3)
+    load = paper_mqar_loads(inputs, P)[targets[:, 0::2] != IGNORE].double()
+    assert paper_mqar_load(T, P) == pytest.approx(load.mean().item(), rel=5e-3)
     with pytest.raises(ValueError, match="seq_len: expected an int >= 4, got 2"):
         paper_mqar_load(2, P)
+
+
+def test_paper_mqar_loads_count_the_distinct_cues_before_each_pair():
+    """The module docstring's example: cues 1 0 3 0 2 1 2 0 have 0 1 2 3 3 4 4 4 distinct cues
+    before them."""
+    inputs, _ = paper_mqar(1, 16, 4, torch.Generator().manual_seed(4))
+    assert inputs[0, 0::2].tolist() == [1, 0, 3, 0, 2, 1, 2, 0]
+    assert paper_mqar_loads(inputs, 4).tolist() == [[0, 1, 2, 3, 3, 4, 4, 4]]

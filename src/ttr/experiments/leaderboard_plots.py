@@ -204,7 +204,7 @@ def _plot_vs_load(rows: list[dict], out_dir: Path) -> Path:
                     ls="-" if many else LINESTYLES[i % len(LINESTYLES)],
                     lw=0.8 if many else 1.5, label=fam if many else layer)
             for x, y, r in pts:
-                ax.plot([x], [y], ls="", marker=MARKERS[ps.index(r["num_pairs"])],
+                ax.plot([x], [y], ls="", marker=MARKERS[ps.index(r["num_pairs"]) % len(MARKERS)],
                         markerfacecolor="none", color=color, alpha=0.9)
                 if not r.get("complete", True):
                     ax.annotate("*", (x, y), xytext=(5, -12), textcoords="offset points",
@@ -213,8 +213,8 @@ def _plot_vs_load(rows: list[dict], out_dir: Path) -> Path:
             if many and lowest[1] < LABEL_BELOW:
                 labels.append((layer, *lowest[:2]))
         for j, P in enumerate(ps):  # the markers' key, once in the figure's legend
-            ax.plot([], [], ls="", marker=MARKERS[j], markerfacecolor="none", color="k",
-                    label=f"P = {P}")
+            ax.plot([], [], ls="", marker=MARKERS[j % len(MARKERS)], markerfacecolor="none",
+                    color="k", label=f"P = {P}")
         ax.axvline(d, color="k", lw=0.8, ls=":", label="load = d_model")
         ax.set(title=f"paper, d_model = {d}", ylabel="accuracy (best lr)",
                ylim=(low - 0.01 * (1 - low), 1 + 0.01 * (1 - low)),

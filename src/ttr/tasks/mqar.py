@@ -108,6 +108,21 @@ def paper_mqar_load(seq_len: int, num_pairs: int) -> float:
     return second / first
 
 
+def paper_mqar_loads(inputs: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """The load of every pair of `paper_mqar` sequences: inputs [N, T] -> [N, T/2], the
+    number of distinct cues among the pairs before each pair (its query's memory load when
+    the cue is answered). `paper_mqar_load` is its expected mean over the answered queries."""
+    _check_int("num_pairs", num_pairs, 1)
+    cues = inputs[:, 0::2]  # [N, T/2]
+    rows = torch.arange(cues.shape[0])
+    seen = torch.zeros(cues.shape[0], num_pairs, dtype=torch.bool)
+    loads = torch.empty(cues.shape, dtype=torch.long)
+    for s in range(cues.shape[1]):  # T/2 steps over [N, P]: no [N, T/2, P] tensor
+        loads[:, s] = seen.sum(1)
+        seen[rows, cues[:, s]] = True
+    return loads
+
+
 def zoology_power_law(space: int, power_a: float) -> torch.Tensor:
     """Probabilities `[space]` of the gaps 0..space-1: proportional to (d + 1)^(power_a - 1)."""
     d = torch.arange(1, space + 1, dtype=torch.float64)

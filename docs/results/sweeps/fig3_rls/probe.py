@@ -5,7 +5,7 @@ docs/results/sweeps/fig3-full), then
 1. score its 1000 test sequences as trained (float32, chunk form), in float64, and with the
    parallel form (one exact batched solve per position): do float32 numerics cost recall?
 2. split the accuracy on 500 fresh sequences by the memory load of each answered query, the
-   distinct cue pairs before it (`ttr.tasks.mqar.paper_mqar_load` is its mean): does recall
+   distinct cue pairs before it (`paper_mqar_loads`; `paper_mqar_load` is its mean): does recall
    fall where the load passes d_model = 64, as a linear memory's capacity says?
 
     PYTHONPATH=src python docs/results/sweeps/fig3_rls/probe.py LAYER \
@@ -23,7 +23,7 @@ import torch
 import ttr
 import ttr.experiments.mqar as mqar
 from ttr.experiments.sweep_tasks import MQARRun, run_mqar
-from ttr.tasks.mqar import IGNORE, paper_mqar
+from ttr.tasks.mqar import IGNORE, paper_mqar, paper_mqar_loads
 
 ttr.tune_allocator()
 torch.set_num_threads(1)
@@ -63,12 +63,7 @@ model = trained["model"].eval()
 with torch.no_grad():
     right = model(inputs)[:, 0::2].argmax(-1) == targets[:, 0::2]  # [n, T/2] at the cues
 answered = targets[:, 0::2] != IGNORE
-cues = inputs[:, 0::2]
-seen = torch.zeros(cues.shape[0], RUN.num_pairs, dtype=torch.bool)
-load = torch.zeros(cues.shape, dtype=torch.long)
-for s in range(cues.shape[1]):
-    load[:, s] = seen.sum(1)
-    seen[torch.arange(cues.shape[0]), cues[:, s]] = True
+load = paper_mqar_loads(inputs, RUN.num_pairs)  # [n, T/2]
 print(f"\nAccuracy by memory load (500 fresh sequences; d_model = {RUN.d_model}):\n")
 print("| distinct cue pairs before the query | queries | accuracy |\n|---|---|---|")
 for lo, hi in BUCKETS:

@@ -10,7 +10,8 @@ layers), everything else as fig3 (`ttr.experiments.sweeps.fig3`):
 - the training length: 4000 steps beside fig3's 2000, for RLS and linear attention alike (if
   both gain, the gap is one of training, not of the layer).
 The ridge = 1, 2000-step runs repeat fig3's (ridge 1 is fig3's default; the result must be
-the same to the last digit, a check of the sweep's determinism). 6 runs, ~1.5 core-hours.
+the same to the last digit, a check of the sweep's determinism). 6 runs: 1.08 core-hours
+(session 17, one worker beside the two of the fig3 sweep on the 2-core Xeon).
 quick: the same at P = 8, T = 32, d_model = 8, 200 steps.
 """
 
