@@ -169,3 +169,29 @@ def test_paper_mqar_loads_count_the_distinct_cues_before_each_pair():
     inputs, _ = paper_mqar(1, 16, 4, torch.Generator().manual_seed(4))
     assert inputs[0, 0::2].tolist() == [1, 0, 3, 0, 2, 1, 2, 0]
     assert paper_mqar_loads(inputs, 4).tolist() == [[0, 1, 2, 3, 3, 4, 4, 4]]
+
+
+def test_accuracy_by_load_splits_evaluates_count_by_the_load_of_each_query():
+    """Bucket by bucket, the count of a plain scan over every answered query (the whole [n, T]
+    output at once; `accuracy_by_load` scores only the cue positions, a few sequences at a
+    time); the totals are `evaluate`'s."""
+    from ttr.experiments.mqar import accuracy_by_load, evaluate
+
+    torch.manual_seed(0)
+    cfg = MQARConfig(**{**TINY, "num_pairs": (8,), "steps": 60})
+    model = MQARModel(layer_recipe("linear_attention", 1.0), cfg.vocab(8), 16)
+    train(model, cfg, 8, 32, 1e-2)
+    inputs, targets = paper_mqar(40, 32, 8, gen(3))
+    split = accuracy_by_load(model, inputs, targets, 8, width=3, tokens_per_batch=100)
+    assert split["width"] == 3 and len(split["queries"]) == len(split["correct"]) == 3
+    with torch.no_grad():
+        right = model(inputs)[:, 0::2].argmax(-1) == targets[:, 0::2]  # [n, T/2]
+    answered = targets[:, 0::2] != IGNORE
+    load = paper_mqar_loads(inputs, 8)
+    for i in range(3):
+        sel = answered & (load // 3 == i)
+        assert (split["queries"][i], split["correct"][i]) == (sel.sum(), right[sel].sum())
+    assert 0 < sum(split["correct"]) < sum(split["queries"])  # neither trivial nor perfect
+    assert sum(split["correct"]) / sum(split["queries"]) == evaluate(model, inputs, targets)
+    with pytest.raises(ValueError, match="width: expected an int >= 1, got 0"):
+        accuracy_by_load(model, inputs, targets, 8, width=0)

@@ -597,3 +597,19 @@ def test_the_load_numbers_quoted_in_the_experiments_are_the_closed_forms():
     text = " ".join(mqar_catalogue.CAVEATS)
     for P, T in ((32, 64), (64, 128)):
         assert f"{paper_mqar_load(T, P):.1f} at P = {P} (T = {T})" in text
+
+
+@pytest.mark.parametrize("variant", ["paper", "zoology"])
+def test_a_paper_mqar_run_records_its_accuracy_by_load(variant):
+    """The paper variant draws its pairs with replacement, so its result splits the accuracy by
+    the memory load of each query (`accuracy_by_load`); the zoology variant's P pairs are all
+    stored before any query, and its result has no split."""
+    run = MQARRun.from_dict({**{k: v for k, v in TINY_MQAR.items() if k != "task"},
+                             "layer": "linear_attention", "lr": 1e-2, "variant": variant})
+    result = run_mqar(run, lambda *a: None)
+    if variant == "zoology":
+        assert "accuracy_by_load" not in result
+        return
+    split = result["accuracy_by_load"]
+    assert len(split["queries"]) == run.num_pairs // split["width"] + 1
+    assert sum(split["correct"]) / sum(split["queries"]) == result["accuracy"]

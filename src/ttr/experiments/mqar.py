@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ttr.nn import Mixer, MixerConfig
 from ttr.recipe import FunctionClass, Optimizer, Recipe, Weights
-from ttr.tasks.mqar import IGNORE, paper_mqar, zoology_mqar
+from ttr.tasks.mqar import IGNORE, paper_mqar, paper_mqar_loads, zoology_mqar
 
 VARIANTS = ("paper", "zoology")
 
@@ -289,6 +289,36 @@ def evaluate(model: MQARModel, inputs: torch.Tensor, targets: torch.Tensor,
         correct += int((model(x, mask).argmax(-1) == y[mask]).sum())
         total += int(mask.sum())
     return correct / max(total, 1)
+
+
+def accuracy_by_load(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                     num_pairs: int, width: int = 8, tokens_per_batch: int = 1 << 15) -> dict:
+    """A paper-variant model's recall split by memory load: bucket i counts the answered
+    queries whose memory holds i * width .. (i + 1) * width - 1 distinct cue pairs
+    (`paper_mqar_loads`). Returns {"width", "queries": [n_i], "correct": [c_i]}, P // width + 1
+    buckets (a load is 1..P); their totals are `evaluate`'s. Past d_model = D_k pairs a linear
+    memory can no longer keep them apart (Section 6), so this shows where each layer's
+    capacity ends, which accuracy against T at fixed P mixes with the load's growth."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width: expected an int >= 1, got {width!r}")
+    model.eval()
+    n, T = inputs.shape
+    cues = targets[:, 0::2]  # [n, T/2], the answers at the cue positions
+    answered = cues != IGNORE
+    bucket = paper_mqar_loads(inputs, num_pairs) // width  # [n, T/2]
+    right = torch.zeros_like(answered)
+    bs = max(1, tokens_per_batch // T)
+    with torch.no_grad():
+        for a in range(0, n, bs):
+            mask = torch.zeros(inputs[a:a + bs].shape, dtype=torch.bool)  # [b, T]
+            mask[:, 0::2] = answered[a:a + bs]
+            # model(x, mask) scores the masked positions in row-major order: [b, T/2]'s order
+            right[a:a + bs][answered[a:a + bs]] = (
+                model(inputs[a:a + bs], mask).argmax(-1) == cues[a:a + bs][answered[a:a + bs]])
+    size = num_pairs // width + 1
+    return {"width": width,
+            "queries": torch.bincount(bucket[answered], minlength=size).tolist(),
+            "correct": torch.bincount(bucket[right], minlength=size).tolist()}
 
 
 def run(config: MQARConfig, out_dir: Path, progress: bool = True) -> list[dict]:

@@ -228,6 +228,7 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None],
         MQARModel,
         _schedule,
         _seed,
+        accuracy_by_load,
         adamw,
         evaluate,
         layer_recipe,
@@ -279,7 +280,10 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None],
     seconds = time.perf_counter() - start
     test = run.data(run.n_test, run.seq_len, torch.Generator().manual_seed(_seed(*key, "test")))
     tail = losses[-10:]
-    return {"accuracy": 0.0 if diverged else evaluate(model, *test),
+    loads = {}  # recall by memory load: the paper variant draws its pairs with replacement
+    if run.variant == "paper" and not diverged:
+        loads["accuracy_by_load"] = accuracy_by_load(model, *test, run.num_pairs)
+    return {"accuracy": 0.0 if diverged else evaluate(model, *test), **loads,
             "final_loss": None if diverged else sum(tail) / len(tail),
             "diverged_at_step": diverged, "diverged_reason": reason if diverged else None,
             "state_floats": state,
