@@ -409,10 +409,35 @@ def test_report_plots_accuracy_against_T_and_d_model(tmp_path):
     run_sweep(get_experiment(str(_experiment(tmp_path, runs))), out, workers=2,
               progress=False, log=lambda s: None, start_method="fork")
     files = leaderboard.write(out)
-    for key in ("mqar_vs_T", "mqar_vs_d", "mqar_vs_state", "mqar_vs_load"):
+    for key in ("mqar_vs_T", "mqar_vs_d", "mqar_vs_state", "mqar_vs_load", "mqar_by_load"):
         assert files[key].stat().st_size > 0
     text = files["leaderboard"].read_text()
     assert "rls (recipe)" in text and "d=16 P=2 T=16" in text
+    assert "Accuracy by memory load" in text and "by_load" not in files["mqar_csv"].read_text()
+
+
+def test_the_by_load_table_merges_buckets_and_hides_thin_ones():
+    """Recorded in buckets of 8 loads, shown in columns of 16; a column over fewer than 20
+    queries is `-`, and a run without the split is left out of the table."""
+    def record(layer, by_load, acc):
+        config = dict(layer=layer, source="recipe", variant="paper", d_model=16, num_pairs=20,
+                      seq_len=64, lr=1e-2)
+        return {"config": config, "result": dict(accuracy=acc, state_floats=64, params=1,
+                                                 chance=0.05, accuracy_by_load=by_load)}
+
+    split = {"width": 8, "queries": [10, 30, 100], "correct": [10, 27, 50]}
+    assert leaderboard.merged_loads(split, 16) == ([40, 100], [37, 50], 16)
+    assert leaderboard.merged_loads(split, 12) == ([10, 30, 100], [10, 27, 50], 8)
+    text = "\n".join(leaderboard._mqar_section(leaderboard.mqar_rows(
+        [record("rls", split, 0.6), record("linear_attention", None, 0.5),
+         record("delta_rule", {"width": 8, "queries": [5, 10, 100], "correct": [5, 10, 90]},
+                0.9)])))
+    table = text.split("Accuracy by memory load")[1]
+    assert "| layer | 0-15 | 16-20 | all | queries |" in table
+    assert "| rls (recipe) | 92.5% | 50.0% | 62.1% | 140 |" in table
+    assert "| delta_rule (recipe) | - | 90.0% | 91.3% | 115 |" in table
+    assert table.index("delta_rule") < table.index("rls")  # by accuracy
+    assert "linear_attention" not in table.split("Design axes")[0]
 
 
 def test_a_partial_leaderboard_ranks_on_the_points_every_layer_has_finished():

@@ -127,6 +127,7 @@ def mqar_rows(records: list[dict], planned: list[dict] | None = None) -> list[di
                              num_pairs=key[3], seq_len=key[4], accuracy=res["accuracy"],
                              lr=c["lr"], state_floats=res["state_floats"],
                              params=res["params"], chance=res["chance"],
+                             by_load=res.get("accuracy_by_load"),
                              **choices(c["layer"], c["source"]))
     want: dict[tuple, int] = defaultdict(int)
     for r in planned or ():
@@ -223,6 +224,7 @@ def _mqar_section(rows: list[dict]) -> list[str]:
                   markdown_table(["layer", "family", *AXES, "state",
                                   *(_point(p) for p in points), "mean"], table), "",
                   *_load_lines(variant, points),
+                  *_by_load_lines(vr),
                   f"Design axes ({variant}): the layers' means above, averaged over the layers "
                   "taking each choice.", "",
                   _axis_table([dict(per_layer[n][next(iter(per_layer[n]))], accuracy=mean[n])
@@ -251,6 +253,46 @@ def _load_lines(variant: str, points: list) -> list[str]:
     loads = ", ".join(f"{_point(p)}: {paper_mqar_load(p[2], p[1]):.1f}" for p in points)
     return [f"Memory load (the paper variant draws its pairs with replacement): the distinct "
             f"pairs before an answered query, on average, to set beside d_model. {loads}.", ""]
+
+
+LOAD_COLUMN = 16  # distinct cue pairs per column of the by-load tables
+
+
+def merged_loads(split: dict, width: int) -> tuple[list[int], list[int], int]:
+    """A recorded `accuracy_by_load` ({"width", "queries", "correct"}) in buckets of `width`
+    (a multiple of the recorded width, else the recorded width): (queries, correct, width)."""
+    w = split["width"]
+    k = width // w if width % w == 0 else 1
+
+    def merge(xs):
+        return [sum(xs[i:i + k]) for i in range(0, len(xs), k)]
+
+    return merge(split["queries"]), merge(split["correct"]), w * k
+
+
+def _by_load_lines(rows: list[dict]) -> list[str]:
+    """Per grid point whose runs recorded it: each layer's best run's accuracy split by the
+    load of each answered query, so that where a layer's memory stops keeping the pairs apart
+    can be read against d_model (a point's mean accuracy mixes loads below and above it)."""
+    points = sorted({(r["d_model"], r["num_pairs"], r["seq_len"]) for r in rows if r["by_load"]})
+    if not points:
+        return []
+    lines = ["Accuracy by memory load: each layer's best run at a grid point, its held-out "
+             "queries split by the distinct cue pairs before them (`accuracy_by_load`); `-`: "
+             "fewer than 20 queries; runs recorded without the split are left out.", ""]
+    for p in points:
+        sel = sorted((r for r in rows if (r["d_model"], r["num_pairs"], r["seq_len"]) == p
+                      and r["by_load"]), key=lambda r: -r["accuracy"])
+        table, head = [], []
+        for r in sel:
+            queries, correct, w = merged_loads(r["by_load"], LOAD_COLUMN)
+            head = [f"{i * w}-{min((i + 1) * w - 1, p[1])}" for i in range(len(queries))]
+            table.append([r["layer"], *("-" if n < 20 else _pct(c / n)
+                                        for n, c in zip(queries, correct, strict=True)),
+                          _pct(sum(correct) / sum(queries)), f"{sum(queries):,}"])
+        lines += [f"{_point(p)} (d_model = {p[0]}):", "",
+                  markdown_table(["layer", *head, "all", "queries"], table), ""]
+    return lines
 
 
 def _pairs_lines(intro: str, summary: str, detail: str) -> list[str]:
@@ -382,7 +424,7 @@ def _regression_section(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _write_csv(path: Path, rows: list[dict], drop=("curve", "raw_curve")) -> None:
+def _write_csv(path: Path, rows: list[dict], drop=("curve", "raw_curve", "by_load")) -> None:
     cols = [k for k in rows[0] if k not in drop]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

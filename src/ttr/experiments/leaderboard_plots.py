@@ -123,6 +123,8 @@ def plot_mqar(rows: list[dict], out_dir: Path) -> list[Path]:
     paper = [r for r in rows if r["variant"] == "paper"]
     if len({(r["num_pairs"], r["seq_len"]) for r in paper}) > 1:
         written.append(_plot_vs_load(paper, out_dir))
+    if any(r.get("by_load") for r in paper):
+        written.append(_plot_by_load(paper, out_dir))
     points = sorted({(r["variant"], r["num_pairs"], r["seq_len"]) for r in rows})
     if any(len({r["d_model"] for r in rows if (r["variant"], r["num_pairs"], r["seq_len"])
                 == point}) > 1 for point in points):
@@ -268,3 +270,35 @@ def plot_regression(rows: list[dict], out_dir: Path) -> list[Path]:
         written.append(out_dir / f"regression_{variant}.png")
         fig.savefig(written[-1], dpi=110)
     return written
+
+
+MIN_QUERIES = 50  # a by-load point over fewer queries is noise, not a capacity curve
+
+
+def _plot_by_load(rows: list[dict], out_dir: Path) -> Path:
+    """Recall against the load of each query, within one run: a panel per grid point whose
+    runs recorded `accuracy_by_load`, a line per layer (its best run), a point per bucket of
+    loads with at least MIN_QUERIES queries, at the bucket's middle. The dotted line is
+    d_model = D_k, the most pairs a linear memory can keep apart (Section 6)."""
+    points = sorted({(r["d_model"], r["num_pairs"], r["seq_len"]) for r in rows if r["by_load"]})
+    layers = sorted({r["layer"] for r in rows})
+    fig, axes = _figure(len(points), width=5.0)
+    for ax, (d, P, T) in zip(axes, points, strict=True):
+        sel = [r for r in rows if (r["d_model"], r["num_pairs"], r["seq_len"]) == (d, P, T)
+               and r["by_load"]]
+        for r in sorted(sel, key=lambda r: r["layer"]):
+            split, i = r["by_load"], layers.index(r["layer"])
+            w = split["width"]
+            pts = [(k * w + (min(w, P + 1 - k * w) - 1) / 2, c / n)
+                   for k, (n, c) in enumerate(zip(split["queries"], split["correct"],
+                                                  strict=True)) if n >= MIN_QUERIES]
+            ax.plot(*zip(*pts, strict=True), label=r["layer"], color=f"C{i % 10}",
+                    marker=MARKERS[i % len(MARKERS)], markersize=4, markerfacecolor="none",
+                    ls=LINESTYLES[i % len(LINESTYLES)], alpha=0.9)
+        ax.axvline(d, color="k", lw=0.8, ls=":", label="load = d_model")
+        ax.set(title=f"paper, d_model = {d}, P = {P}, T = {T}", ylabel="accuracy (best lr)",
+               xlabel="load: distinct pairs in memory at the query", ylim=(None, 1.01))
+        ax.grid(alpha=0.3)
+    _legend(fig, axes)
+    fig.savefig(out_dir / "mqar_by_load.png", dpi=110)
+    return out_dir / "mqar_by_load.png"
