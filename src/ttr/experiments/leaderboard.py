@@ -286,11 +286,12 @@ def _by_load_lines(rows: list[dict]) -> list[str]:
         table, head = [], []
         for r in sel:
             queries, correct, w = merged_loads(r["by_load"], LOAD_COLUMN)
-            head = [f"{i * w}-{min((i + 1) * w - 1, p[1])}" for i in range(len(queries))]
+            head = [f"{i * w}" if i * w == p[1] else f"{i * w}-{min((i + 1) * w - 1, p[1])}"
+                    for i in range(len(queries))]
             table.append([r["layer"], *("-" if n < 20 else _pct(c / n)
                                         for n, c in zip(queries, correct, strict=True)),
                           _pct(sum(correct) / sum(queries)), f"{sum(queries):,}"])
-        lines += [f"{_point(p)} (d_model = {p[0]}):", "",
+        lines += [f"{_point(p)}:", "",
                   markdown_table(["layer", *head, "all", "queries"], table), ""]
     return lines
 

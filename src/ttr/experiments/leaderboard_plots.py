@@ -296,7 +296,7 @@ def _plot_by_load(rows: list[dict], out_dir: Path) -> Path:
                     marker=MARKERS[i % len(MARKERS)], markersize=4, markerfacecolor="none",
                     ls=LINESTYLES[i % len(LINESTYLES)], alpha=0.9)
         ax.axvline(d, color="k", lw=0.8, ls=":", label="load = d_model")
-        ax.set(title=f"paper, d_model = {d}, P = {P}, T = {T}", ylabel="accuracy (best lr)",
+        ax.set(title=f"paper, d_model = {d}\nP = {P}, T = {T}", ylabel="accuracy (best lr)",
                xlabel="load: distinct pairs in memory at the query", ylim=(None, 1.01))
         ax.grid(alpha=0.3)
     _legend(fig, axes)
