@@ -631,7 +631,9 @@ def test_a_paper_mqar_run_records_its_accuracy_by_load(variant):
     stored before any query, and its result has no split."""
     run = MQARRun.from_dict({**{k: v for k, v in TINY_MQAR.items() if k != "task"},
                              "layer": "linear_attention", "lr": 1e-2, "variant": variant})
-    result = run_mqar(run, lambda *a: None)
+    models = []  # the `trained` hook receives the trained model, once
+    result = run_mqar(run, lambda *a: None, trained=models.append)
+    assert len(models) == 1 and isinstance(models[0], torch.nn.Module)
     if variant == "zoology":
         assert "accuracy_by_load" not in result
         return

@@ -213,9 +213,12 @@ class CatalogMQARModel(nn.Module):
 
 
 def run_mqar(run: MQARRun, progress: Callable[[int, int], None],
-             checkpoint: Checkpoint | None = None) -> dict:
+             checkpoint: Checkpoint | None = None,
+             trained: Callable[[nn.Module], None] | None = None) -> dict:
     """Train with AdamW (linear warmup, cosine decay; weight decay on matrices) on fresh
     sequences every step; evaluate on n_test held-out sequences. Seeded by the config alone.
+    `trained`, if given, receives the trained model before it is scored (for a probe that
+    measures more than the result records, as docs/results/sweeps/fig3-full/probe_recency.py).
     With a `checkpoint` (`ttr.sweep.Checkpoint`) the training state -- the step, the model, the
     optimizer, the data generator and the losses so far -- is saved whenever it is due and a
     saved state is continued from, which gives the same run as an uninterrupted one (with the
@@ -278,6 +281,8 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None],
                              "opt": opt.state_dict(), "gen": gen.get_state(),
                              "losses": losses})
     seconds = time.perf_counter() - start
+    if trained is not None:
+        trained(model)
     test = run.data(run.n_test, run.seq_len, torch.Generator().manual_seed(_seed(*key, "test")))
     tail = losses[-10:]
     loads = {}  # recall by memory load: the paper variant draws its pairs with replacement
