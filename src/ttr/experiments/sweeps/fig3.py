@@ -37,6 +37,11 @@ CAVEATS = [
     "query, RLS recalls 99.99-100% below a load of 64 = d_model (linear attention 99.45-"
     "99.96%) and falls faster past it: 86.5% against 91.4% at loads 96-111 "
     "(docs/results/sweeps/fig3_rls/probe-*.md).",
+    "Past d_model the delta rule's lead is recency: at P = 128, T = 512 and a load of 96 or "
+    "more it recalls 99.8% of the cues last seen 1-15 pairs before (linear attention 94.4-"
+    "95.5%, RLS 92.0-93.2%) and 86.7% of those last seen 128-255 pairs before (84.1%, 74.0%); "
+    "online SGD overwrites old pairs, uniform weights keep every pair alike "
+    "(docs/results/sweeps/fig3-full/probe_recency.md).",
 ]
 
 
