@@ -283,14 +283,14 @@ def _by_load_lines(rows: list[dict]) -> list[str]:
     for p in points:
         sel = sorted((r for r in rows if (r["d_model"], r["num_pairs"], r["seq_len"]) == p
                       and r["by_load"]), key=lambda r: -r["accuracy"])
-        table, head = [], []
-        for r in sel:
+        table = []
+        for r in sel:  # every run records the same buckets (accuracy_by_load's width 8)
             queries, correct, w = merged_loads(r["by_load"], LOAD_COLUMN)
-            head = [f"{i * w}" if i * w == p[1] else f"{i * w}-{min((i + 1) * w - 1, p[1])}"
-                    for i in range(len(queries))]
             table.append([r["layer"], *("-" if n < 20 else _pct(c / n)
                                         for n, c in zip(queries, correct, strict=True)),
                           _pct(sum(correct) / sum(queries)), f"{sum(queries):,}"])
+        head = [f"{i * w}" if i * w == p[1] else f"{i * w}-{min((i + 1) * w - 1, p[1])}"
+                for i in range(len(queries))]
         lines += [f"{_point(p)}:", "",
                   markdown_table(["layer", *head, "all", "queries"], table), ""]
     return lines

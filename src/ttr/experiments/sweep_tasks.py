@@ -158,6 +158,18 @@ class MQARRun:
     def vocab(self) -> int:
         return 2 * self.num_pairs if self.variant == "paper" else self.vocab_size
 
+    @property
+    def seed_key(self) -> tuple:
+        """What a run's seeds derive from: the layers at one data point share their data."""
+        return (self.seed, self.variant, self.num_pairs, self.seq_len, self.vocab)
+
+    def test_data(self):
+        """The n_test held-out sequences, seeded by the config alone (the ones a result scores)."""
+        from ttr.experiments.mqar import _seed
+
+        return self.data(self.n_test, self.seq_len,
+                         torch.Generator().manual_seed(_seed(*self.seed_key, "test")))
+
     def data(self, n: int, seq_len: int, generator: torch.Generator):
         from ttr.tasks.mqar import paper_mqar, zoology_mqar
 
@@ -238,7 +250,7 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None],
         train_step,
     )
 
-    key = (run.seed, run.variant, run.num_pairs, run.seq_len, run.vocab)
+    key = run.seed_key
     torch.manual_seed(_seed(*key, "init", run.layer, run.d_model))
     if run.source == "recipe":
         model = MQARModel(layer_recipe(run.layer, 1.0 if run.ridge is None else run.ridge),
@@ -283,7 +295,7 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None],
     seconds = time.perf_counter() - start
     if trained is not None:
         trained(model)
-    test = run.data(run.n_test, run.seq_len, torch.Generator().manual_seed(_seed(*key, "test")))
+    test = run.test_data()
     tail = losses[-10:]
     loads = {}  # recall by memory load: the paper variant draws its pairs with replacement
     if run.variant == "paper" and not diverged:

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 import ttr
-from ttr.experiments.mqar import _seed
 from ttr.experiments.sweep_tasks import MQARRun, run_mqar
 from ttr.tasks.mqar import IGNORE, paper_mqar_loads
 
@@ -54,16 +53,14 @@ for layer in ("delta_rule", "linear_attention", "rls"):
     models = []
     result = run_mqar(run, lambda *a: None, trained=models.append)
     assert result["accuracy"] == record["result"]["accuracy"], (layer, result["accuracy"])
-    key = (run.seed, run.variant, run.num_pairs, run.seq_len, run.vocab)
-    inputs, targets = run.data(run.n_test, run.seq_len,
-                               torch.Generator().manual_seed(_seed(*key, "test")))
+    inputs, targets = run.test_data()  # the same for the three layers
     model = models[0].eval()
     with torch.no_grad():
         right = torch.cat([model(inputs[a:a + 32])[:, 0::2].argmax(-1)
                            for a in range(0, len(inputs), 32)]) == targets[:, 0::2]
     scores[layer] = right  # [n, T/2]
-    answered = targets[:, 0::2] != IGNORE
-    gap, load = gaps(inputs, run.num_pairs), paper_mqar_loads(inputs, run.num_pairs)
+answered = targets[:, 0::2] != IGNORE
+gap, load = gaps(inputs, run.num_pairs), paper_mqar_loads(inputs, run.num_pairs)
 
 layers = list(scores)
 print("# Recall by recency at fig3's P = 128, T = 512 (d_model = 64; best lr 1e-2 each)\n")
