@@ -18,6 +18,7 @@ import torch
 from ttr import catalog
 from ttr.cli import main
 from ttr.experiments import leaderboard, leaderboard_plots
+from ttr.experiments.mqar import evaluate
 from ttr.experiments.online_regression import METHODS
 from ttr.experiments.sweep_tasks import (
     MQARRun,
@@ -640,3 +641,5 @@ def test_a_paper_mqar_run_records_its_accuracy_by_load(variant):
     split = result["accuracy_by_load"]
     assert len(split["queries"]) == run.num_pairs // split["width"] + 1
     assert sum(split["correct"]) / sum(split["queries"]) == result["accuracy"]
+    # the accuracy is read off the split; it is still `evaluate`'s on the run's test set
+    assert result["accuracy"] == evaluate(models[0], *run.test_data())

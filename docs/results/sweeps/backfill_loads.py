@@ -17,6 +17,7 @@ costs what it cost in the sweep. The record is rewritten atomically, with
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import ttr
+from ttr.experiments import leaderboard
 from ttr.experiments.sweep_tasks import MQARRun, run_mqar
 from ttr.sweep import finished, write_json_atomic
 
@@ -35,17 +37,16 @@ args = parser.parse_args()
 
 ttr.tune_allocator()
 torch.set_num_threads(1)
-best = {}  # (layer, ridge, steps, P, T) -> the best record's path and record
-for run_id, record in finished(args.results_dir).items():
-    c = record["config"]
-    if record["task"] != "mqar" or c["variant"] != "paper":
-        continue
-    path = args.results_dir / "runs" / f"{record['label']}-{run_id}.json"
-    key = (c["layer"], c.get("ridge"), c["steps"], c["num_pairs"], c["seq_len"])
-    if key not in best or record["result"]["accuracy"] > best[key][1]["result"]["accuracy"]:
-        best[key] = (path, record)
-todo = [(p, r) for (_, _, _, P, _), (p, r) in sorted(best.items(), key=lambda kv: -kv[0][4])
-        if P >= args.min_pairs and r["result"]["accuracy"] < 1
+found = finished(args.results_dir)  # run id -> record
+run_ids = {id(r): run_id for run_id, r in found.items()}
+records = leaderboard.mqar_records(found.values())
+meta = json.loads((args.results_dir / "sweep.json").read_text())
+planned = leaderboard.planned_mqar(leaderboard.planned_sweep(meta)[1])
+# the run each report row shows, so that the report's by-load table gains exactly these
+best = leaderboard.best_mqar_runs(records, planned)  # (layer, variant, d, P, T) -> record
+todo = [(args.results_dir / "runs" / f"{r['label']}-{run_ids[id(r)]}.json", r)
+        for (_, variant, _, P, T), r in sorted(best.items(), key=lambda kv: -kv[0][4])
+        if variant == "paper" and P >= args.min_pairs and r["result"]["accuracy"] < 1
         and "accuracy_by_load" not in r["result"]]
 print(f"{len(todo)} runs to backfill, {sum(r['seconds'] for _, r in todo) / 3600:.2f} h "
       "as recorded:")

@@ -108,6 +108,23 @@ def _mqar_key(record: dict, varied: list[str] = ()) -> tuple:
     return (name, c["variant"], c["d_model"], c["num_pairs"], c["seq_len"])
 
 
+def _planned_configs(planned: list[dict] | None) -> list[dict]:
+    return [r["config"] for r in planned or ()]
+
+
+def best_mqar_runs(records: list[dict], planned: list[dict] | None = None) -> dict[tuple, dict]:
+    """(layer, variant, d_model, P, T) -> the record of the point's best run over learning rates
+    (the first of equals, in record order): the run each report row shows. `planned` as in
+    `mqar_rows` (its configs name the varied fields, and so the points)."""
+    varied = _varied([r["config"] for r in records] + _planned_configs(planned))
+    best: dict[tuple, dict] = {}
+    for r in records:
+        key = _mqar_key(r, varied)
+        if key not in best or r["result"]["accuracy"] > best[key]["result"]["accuracy"]:
+            best[key] = r
+    return best
+
+
 def mqar_rows(records: list[dict], planned: list[dict] | None = None) -> list[dict]:
     """One row per (layer, variant, d_model, P, T): the best accuracy over learning rates.
     A sweep that also varies other fields (an ablation) gets one row per their values too.
@@ -115,27 +132,24 @@ def mqar_rows(records: list[dict], planned: list[dict] | None = None) -> list[di
     planned: the sweep's MQAR run records-to-be ({"config": ...}), if known; a row is then
     `complete` when every run planned at its point has finished (else its best is over the
     learning rates finished so far). Without a plan every row counts as complete."""
-    varied = _varied([r["config"] for r in [*records, *(planned or ())]])
-    best: dict[tuple, dict] = {}
+    varied = _varied([r["config"] for r in records] + _planned_configs(planned))
     done: dict[tuple, int] = defaultdict(int)
-    for r in records:
-        c, res = r["config"], r["result"]
-        key = _mqar_key(r, varied)
-        done[key] += 1
-        if key not in best or res["accuracy"] > best[key]["accuracy"]:
-            best[key] = dict(layer=key[0], source=c["source"], variant=key[1], d_model=key[2],
-                             num_pairs=key[3], seq_len=key[4], accuracy=res["accuracy"],
-                             lr=c["lr"], state_floats=res["state_floats"],
-                             params=res["params"], chance=res["chance"],
-                             by_load=res.get("accuracy_by_load"),
-                             **choices(c["layer"], c["source"]))
     want: dict[tuple, int] = defaultdict(int)
+    for r in records:
+        done[_mqar_key(r, varied)] += 1
     for r in planned or ():
         want[_mqar_key(r, varied)] += 1
-    for key, row in best.items():
-        row["complete"] = planned is None or done[key] >= want[key]
-    return sorted(best.values(), key=lambda x: (x["variant"], x["layer"], x["d_model"],
-                                                x["num_pairs"], x["seq_len"]))
+    rows = []
+    for key, r in best_mqar_runs(records, planned).items():
+        c, res = r["config"], r["result"]
+        rows.append(dict(layer=key[0], source=c["source"], variant=key[1], d_model=key[2],
+                         num_pairs=key[3], seq_len=key[4], accuracy=res["accuracy"],
+                         lr=c["lr"], state_floats=res["state_floats"], params=res["params"],
+                         chance=res["chance"], by_load=res.get("accuracy_by_load"),
+                         **choices(c["layer"], c["source"]),
+                         complete=planned is None or done[key] >= want[key]))
+    return sorted(rows, key=lambda x: (x["variant"], x["layer"], x["d_model"], x["num_pairs"],
+                                       x["seq_len"]))
 
 
 def regression_rows(records: list[dict]) -> list[dict]:
@@ -433,6 +447,29 @@ def _write_csv(path: Path, rows: list[dict], drop=("curve", "raw_curve", "by_loa
         w.writerows(rows)
 
 
+def planned_sweep(meta: dict) -> tuple:
+    """(the experiment module, its planned runs) of a sweep's sweep.json `meta`; (None, None)
+    when its experiment file has moved or changed (a user's)."""
+    from ttr.sweep import get_experiment, plan
+
+    try:
+        experiment = get_experiment(meta.get("spec", meta["experiment"]))
+        return experiment, plan(experiment, meta["mode"] == "quick")
+    except (ValueError, OSError):
+        return None, None
+
+
+def mqar_records(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["task"] == "mqar"]
+
+
+def planned_mqar(planned_runs: list | None) -> list[dict] | None:
+    """The planned MQAR runs as records-to-be ({"config": ...}), as `mqar_rows` takes them."""
+    if planned_runs is None:
+        return None
+    return [{"config": asdict(r.config)} for r in planned_runs if r.task == "mqar"]
+
+
 def write(out_dir: Path, command: str = "") -> dict:
     """Read every finished run in out_dir and write the report files; returns their paths."""
     out_dir = Path(out_dir)
@@ -444,19 +481,11 @@ def write(out_dir: Path, command: str = "") -> dict:
     records = list(finished(out_dir).values())
     if not records:
         raise ValueError(f"RESULTS_DIR: {out_dir / 'runs'} holds no finished runs yet")
-    from ttr.sweep import get_experiment, plan
-
-    try:
-        experiment = get_experiment(meta.get("spec", meta["experiment"]))
-        planned_runs = plan(experiment, meta["mode"] == "quick")
-    except (ValueError, OSError):  # a user's experiment file that has moved or changed
-        experiment, planned_runs = None, None
+    experiment, planned_runs = planned_sweep(meta)
     planned = None if planned_runs is None else len(planned_runs)
     # what the experiment says its numbers do not show (module attribute CAVEATS: list[str])
     caveats = list(getattr(experiment, "CAVEATS", ()))
-    mq = mqar_rows([r for r in records if r["task"] == "mqar"],
-                   None if planned_runs is None else
-                   [{"config": asdict(r.config)} for r in planned_runs if r.task == "mqar"])
+    mq = mqar_rows(mqar_records(records), planned_mqar(planned_runs))
     rg = regression_rows([r for r in records if r["task"] == "online_regression"])
     hours = sum(r["seconds"] for r in records) / 3600
     done = f"{len(records)} of {planned}" if planned else f"{len(records)}"

@@ -298,9 +298,15 @@ def run_mqar(run: MQARRun, progress: Callable[[int, int], None],
     test = run.test_data()
     tail = losses[-10:]
     loads = {}  # recall by memory load: the paper variant draws its pairs with replacement
-    if run.variant == "paper" and not diverged:
-        loads["accuracy_by_load"] = accuracy_by_load(model, *test, run.num_pairs)
-    return {"accuracy": 0.0 if diverged else evaluate(model, *test), **loads,
+    if diverged:
+        accuracy = 0.0
+    elif run.variant == "paper":
+        # one pass over the test set: the split's totals are `evaluate`'s counts (tested)
+        split = loads["accuracy_by_load"] = accuracy_by_load(model, *test, run.num_pairs)
+        accuracy = sum(split["correct"]) / max(sum(split["queries"]), 1)
+    else:
+        accuracy = evaluate(model, *test)
+    return {"accuracy": accuracy, **loads,
             "final_loss": None if diverged else sum(tail) / len(tail),
             "diverged_at_step": diverged, "diverged_reason": reason if diverged else None,
             "state_floats": state,

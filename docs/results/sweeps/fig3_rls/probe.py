@@ -21,7 +21,7 @@ import sys
 import torch
 
 import ttr
-import ttr.experiments.mqar as mqar
+from ttr.experiments.mqar import evaluate
 from ttr.experiments.sweep_tasks import MQARRun, run_mqar
 from ttr.tasks.mqar import IGNORE, paper_mqar, paper_mqar_loads
 
@@ -31,35 +31,29 @@ RUN = MQARRun.from_dict(dict(source="recipe", variant="paper", d_model=64, n_hea
                              n_layers=1, mlp=False, layer=sys.argv[1], num_pairs=128, seq_len=512,
                              lr=1e-2, steps=2000, batch_size=64, n_test=1000))
 BUCKETS = [(0, 32), (32, 64), (64, 80), (80, 96), (96, 112), (112, 129)]
+AS_TRAINED = "float32, chunk (as trained)"
 
-scores, trained = {}, {}
-evaluate = mqar.evaluate
-
-
-def scoring(model, inputs, targets, **kw):
-    """run_mqar's evaluation, scoring the model three more ways and keeping it."""
-    trained["model"] = model
-    for name, dtype, form in (("float64, chunk", torch.float64, None),
-                              ("float32, parallel", torch.float32, "parallel"),
-                              ("float64, parallel", torch.float64, "parallel")):
-        m = copy.deepcopy(model).to(dtype)
-        if form:
-            m.mixer.config = dataclasses.replace(m.mixer.config, form=form)
-        scores[name] = evaluate(m, inputs, targets, **kw)
-    scores["float32, chunk (as trained)"] = evaluate(model, inputs, targets, **kw)
-    return scores["float32, chunk (as trained)"]
-
-
-mqar.evaluate = scoring
-result = run_mqar(RUN, lambda *a: None)
+scores, trained = {}, []
+result = run_mqar(RUN, lambda *a: None, trained=trained.append)
+model = trained[0]
+test = RUN.test_data()  # the 1000 sequences the result scores
+for name, dtype, form in (("float64, chunk", torch.float64, None),
+                          ("float32, parallel", torch.float32, "parallel"),
+                          ("float64, parallel", torch.float64, "parallel")):
+    m = copy.deepcopy(model).to(dtype)
+    if form:
+        m.mixer.config = dataclasses.replace(m.mixer.config, form=form)
+    scores[name] = evaluate(m, *test)
+scores[AS_TRAINED] = evaluate(model, *test)
+assert scores[AS_TRAINED] == result["accuracy"], "the probe scores another model than the run's"
 print(f"# {RUN.layer} at P = 128, T = 512 (fig3's run, lr 1e-2): recorded accuracy "
       f"{result['accuracy']:.4%}\n")
 print("| scored as | accuracy |\n|---|---|")
-for name in sorted(scores, key=lambda n: "as trained" not in n):
+for name in sorted(scores, key=lambda n: n != AS_TRAINED):
     print(f"| {name} | {scores[name]:.4%} |")
 
 inputs, targets = paper_mqar(500, RUN.seq_len, RUN.num_pairs, torch.Generator().manual_seed(123))
-model = trained["model"].eval()
+model.eval()
 with torch.no_grad():
     right = model(inputs)[:, 0::2].argmax(-1) == targets[:, 0::2]  # [n, T/2] at the cues
 answered = targets[:, 0::2] != IGNORE
