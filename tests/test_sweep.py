@@ -474,6 +474,35 @@ def test_a_partial_leaderboard_ranks_on_the_points_every_layer_has_finished():
     assert "| 60.0% |" in text and "| 50.0% |" in text
 
 
+def test_the_by_load_plot_of_a_catalogue_colours_families_and_names_the_low_layers(
+        tmp_path, monkeypatch):
+    """A few layers get a line style each (fig3); a catalogue's dozens get a colour per family
+    in the legend, and only the layers below LABEL_BELOW are named, at their lowest point."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    split = {"width": 8, "queries": [300, 300, 300], "correct": [300, 297, 150]}
+    good = {"width": 8, "queries": [300, 300, 300], "correct": [300, 300, 299]}
+
+    def rows(n):
+        return [dict(layer=f"layer_{i}", family=("online SGD", "linear attention")[i % 2],
+                     d_model=16, num_pairs=20, seq_len=64, by_load=split if i < 2 else good)
+                for i in range(n)]
+
+    leaderboard_plots._plot_by_load(rows(12), tmp_path)
+    ax = figures[-1].axes[0]
+    assert {t.get_text() for t in ax.texts} == {"layer_0", "layer_1"}
+    legend = [t.get_text() for t in figures[-1].legends[0].get_texts()]
+    assert sorted(legend) == ["linear attention", "load = d_model", "online SGD"]
+    # the named point is the curve's lowest: the bucket of loads 16-20 at its middle, 18
+    assert {a.xy for a in ax.texts} == {(18.0, 0.5)}
+    leaderboard_plots._plot_by_load(rows(3), tmp_path)
+    assert not figures[-1].axes[0].texts
+    legend = [t.get_text() for t in figures[-1].legends[0].get_texts()]
+    assert sorted(legend) == ["layer_0", "layer_1", "layer_2", "load = d_model"]
+
+
 def test_plot_names_do_not_overprint():
     """A dozen layers failing at one point (as at d_model 32, P = 64) get their names one above
     the other, each joined to its point, instead of one overprinted block; the boxes of names

@@ -280,9 +280,13 @@ def _plot_by_load(rows: list[dict], out_dir: Path) -> Path:
     """Recall against the load of each query, within one run: a panel per grid point whose
     runs recorded `accuracy_by_load`, a line per layer (its best run), a point per bucket of
     loads with at least MIN_QUERIES queries, at the bucket's middle. The dotted line is
-    d_model = D_k, the most pairs a linear memory can keep apart (Section 6)."""
+    d_model = D_k, the most pairs a linear memory can keep apart (Section 6). A few layers: a
+    colour, marker and line style each; a catalogue's dozens, as in `_plot_vs_load`: a colour
+    per family in the legend and the layers below LABEL_BELOW named at their lowest point."""
     points = sorted({(r["d_model"], r["num_pairs"], r["seq_len"]) for r in rows if r["by_load"]})
     layers = sorted({r["layer"] for r in rows})
+    many = len({r["layer"] for r in rows if r["by_load"]}) > 10
+    family = {r["layer"]: r["family"] for r in rows}
     curves = {}  # (point, layer) -> [(load at the bucket's middle, accuracy)]
     for r in rows:
         if r["by_load"]:
@@ -295,10 +299,21 @@ def _plot_by_load(rows: list[dict], out_dir: Path) -> Path:
     # one accuracy range for every panel: a panel of a layer at 99.9% autoscaled to a tenth of
     # a point looked like a collapse
     low = min([y for pts in curves.values() for _, y in pts] + [0.99])
-    fig, axes = _figure(len(points), width=5.0)
+    fig, axes = _figure(len(points), width=5.5 if many else 5.0)
     for ax, (d, P, T) in zip(axes, points, strict=True):
+        labels, seen = [], set()
         for (point, layer), pts in sorted(curves.items(), key=lambda kv: kv[0][1]):
             if point != (d, P, T) or not pts:
+                continue
+            if many:
+                fam = family[layer]
+                ax.plot(*zip(*pts, strict=True), color=FAMILY_COLORS.get(fam), lw=0.8,
+                        marker="o", markersize=2.5, alpha=0.8,
+                        label=fam if fam not in seen else "_nolegend_")
+                seen.add(fam)
+                lowest = min(pts, key=lambda p: p[1])
+                if lowest[1] < LABEL_BELOW:
+                    labels.append((layer, *lowest))
                 continue
             i = layers.index(layer)
             ax.plot(*zip(*pts, strict=True), label=layer, color=f"C{i % 10}",
@@ -309,6 +324,9 @@ def _plot_by_load(rows: list[dict], out_dir: Path) -> Path:
                xlabel="load: distinct pairs in memory at the query",
                ylim=(low - 0.03 * (1 - low), 1 + 0.03 * (1 - low)))
         ax.grid(alpha=0.3)
+        if many:
+            _place_labels(ax, labels)
+            _note_unlabelled(ax)
     _legend(fig, axes)
     fig.savefig(out_dir / "mqar_by_load.png", dpi=110)
     return out_dir / "mqar_by_load.png"
