@@ -441,6 +441,38 @@ def test_the_by_load_table_merges_buckets_and_hides_thin_ones():
     assert "linear_attention" not in table.split("Design axes")[0]
 
 
+def test_the_by_load_axis_table_averages_each_choice_per_load_column():
+    """At a catalogue's point (over ten layers) the by-load table gets a companion: per design
+    choice, the mean of its layers' accuracy per load column. A layer at 100% without the split
+    counts as 100% in every column; one below 100% without it is left out; a column no query
+    reached is dropped from both tables."""
+    def record(layer, correct, acc):
+        config = dict(layer=layer, source="catalog", variant="paper", d_model=16, num_pairs=40,
+                      seq_len=128, lr=1e-2)
+        split = None if correct is None else {"width": 8, "queries": [30, 30, 30, 30, 0, 0],
+                                              "correct": [*correct, 0, 0]}
+        return {"config": config, "result": dict(accuracy=acc, state_floats=64, params=1,
+                                                 chance=0.05, accuracy_by_load=split)}
+
+    exact, others = [30, 30, 30, 18], [30, 30, 15, 15]
+    records = [record(n, exact, 0.9) for n in ("mesa", "mesanet")]
+    records += [record(n, others, 0.75) for n in ("linear_attention", "deltanet", "retnet",
+                                                  "mamba2", "longhorn", "nlms", "hedgehog")]
+    records += [record("softmax_attention", None, 1.0), record("gla", None, 0.5)]
+    text = "\n".join(leaderboard._mqar_section(leaderboard.mqar_rows(records)))
+    axes = text.split("by design axis")[1].split("Design axes")[0]
+    assert "| choice | 0-15 | 16-31 |\n" in axes  # loads 32-40: no query, no column
+    assert "| optimizer: exact (3) | 100.0% | 86.7% |" in axes  # (80 + 80 + 100) / 3
+    assert "| optimizer: online SGD (3) | 100.0% | 50.0% |" in axes
+    assert "| weights: local (1) | 100.0% | 100.0% |" in axes
+    assert "geometric per-dim" not in axes  # gla: below 100% and no split
+    table = text.split("Accuracy by memory load")[1].split("by design axis")[0]
+    assert "| layer | 0-15 | 16-31 | all | queries |" in table
+    # a few layers: the per-layer table alone
+    few = "\n".join(leaderboard._mqar_section(leaderboard.mqar_rows(records[:3])))
+    assert "Accuracy by memory load" in few and "by design axis" not in few
+
+
 def test_a_partial_leaderboard_ranks_on_the_points_every_layer_has_finished():
     """A layer missing a (harder) point must not rank on its easier points alone: the means
     are over the points every layer has finished (all its planned learning rates), a point

@@ -10,13 +10,18 @@ Written into RESULTS_DIR:
                          reads which choice moves recall; for MQAR also per grid point (where
                          the choices matter: below or above capacity), and matched pairs: the
                          layers whose choices differ on one axis only, the accuracy change that
-                         goes with that one choice, the other two held fixed.
+                         goes with that one choice, the other two held fixed. Where runs
+                         recorded `accuracy_by_load` (paper variant): per grid point each
+                         layer's accuracy by memory load, and for a catalogue (over ten layers)
+                         the mean per design choice and load.
   mqar.csv, regression.csv   the same numbers, one row per (layer, grid point).
   mqar_vs_T.png          accuracy vs T, one panel per (variant, P) (only if T varies per P)
   mqar_vs_d.png          accuracy vs d_model, one panel per (variant, P, T) (if d varies)
   mqar_vs_load.png       paper variant: accuracy vs the memory load, the distinct pairs
                          before an answered query (if P or T varies)
   mqar_vs_state.png      accuracy vs recurrent state size (zoology's recall-vs-memory plot)
+  mqar_by_load.png       accuracy vs the load of each query within a run, a panel per grid
+                         point whose runs recorded the split
   regression_<variant>.png  loss vs t, one line per layer, families by colour.
 (the plots: `ttr.experiments.leaderboard_plots`)
 
@@ -293,7 +298,8 @@ def _by_load_lines(rows: list[dict]) -> list[str]:
         return []
     lines = ["Accuracy by memory load: each layer's best run at a grid point, its held-out "
              "queries split by the distinct cue pairs before them (`accuracy_by_load`); `-`: "
-             "fewer than 20 queries; runs recorded without the split are left out.", ""]
+             "fewer than 20 queries (a column of them only is left out); runs recorded without the "
+             "split are left out.", ""]
     for p in points:
         sel = sorted((r for r in rows if (r["d_model"], r["num_pairs"], r["seq_len"]) == p
                       and r["by_load"]), key=lambda r: -r["accuracy"])
@@ -306,8 +312,48 @@ def _by_load_lines(rows: list[dict]) -> list[str]:
         head = [f"{i * w}" if i * w == p[1] else f"{i * w}-{min((i + 1) * w - 1, p[1])}"
                 for i in range(len(queries))]
         lines += [f"{_point(p)}:", "",
-                  markdown_table(["layer", *head, "all", "queries"], table), ""]
+                  markdown_table(*_drop_empty(["layer", *head, "all", "queries"], table)), ""]
+        at_point = [r for r in rows if (r["d_model"], r["num_pairs"], r["seq_len"]) == p]
+        if len(at_point) > 10:  # a catalogue; a few layers read off the table above
+            lines += [f"{_point(p)} by design axis: the mean of the layers' accuracies per "
+                      "column (a layer at 100% without the split counts as 100% in every "
+                      "column; the layer count in brackets).", "",
+                      _by_load_axis_table(at_point, head), ""]
     return lines
+
+
+def _by_load_axis_table(rows: list[dict], head: list[str]) -> str:
+    """Per axis value at one grid point: the mean over its layers of each load column's
+    accuracy (`-` where no layer has 20 queries there), so that what crossing d_model costs
+    each choice reads off one row."""
+    per_layer = {}  # layer -> accuracy per column (None: too few queries)
+    counts = []  # queries per column: the layers of a grid point share its test sequences
+    for r in rows:
+        if r["by_load"]:
+            counts, correct, _ = merged_loads(r["by_load"], LOAD_COLUMN)
+            per_layer[r["layer"]] = [c / n if n >= 20 else None
+                                     for n, c in zip(counts, correct, strict=True)]
+    for r in rows:
+        if not r["by_load"] and r["accuracy"] == 1:  # every query right: 100% in each column
+            per_layer[r["layer"]] = [1.0 if n >= 20 else None for n in counts]
+    out = []
+    for axis in AXES:
+        groups = defaultdict(list)
+        for r in rows:
+            if r["layer"] in per_layer and r["family"] != "baseline":
+                groups[r[axis]].append(per_layer[r["layer"]])
+        for value in sorted(groups, key=lambda v: _rank(axis, v)):
+            cols = zip(*groups[value], strict=True)
+            out.append([f"{axis}: {value} ({len(groups[value])})",
+                        *(_pct(statistics.mean(xs)) if (xs := [x for x in col if x is not None])
+                          else "-" for col in cols)])
+    return markdown_table(*_drop_empty(["choice", *head], out))
+
+
+def _drop_empty(head: list[str], table: list[list]) -> tuple[list[str], list[list]]:
+    """The table without its columns of `-` only (loads no query of the point reached)."""
+    keep = [j for j in range(len(head)) if any(row[j] != "-" for row in table)]
+    return [head[j] for j in keep], [[row[j] for j in keep] for row in table]
 
 
 def _pairs_lines(intro: str, summary: str, detail: str) -> list[str]:

@@ -33,31 +33,36 @@ MARKERS, LINESTYLES = "osD^v<>p", ("-", "--", "-.", ":")
 LABEL_BELOW = 0.97
 
 
-LABEL_GAP = 0.035  # height of a name, in axes fractions (6 pt text on a ~250 pt high axis)
+LABEL_PT = 7.0  # height of a name's line: 6 pt text and a point of space
 
 
 def _place_labels(ax, labels: list[tuple[str, float, float]]) -> None:
     """Name the points (name, x, y) of one panel without overlapping names. Call it once the
     panel's scales and limits are set. Each name goes right of its point, at the nearest
-    height (stepping by LABEL_GAP up, then down) where its box, estimated from its length,
-    clears the names placed before it, lowest points first; a moved name gets a thin line to
-    its point. Written at the points themselves, the layers that failed together (a dozen near
+    height (stepping by a line of LABEL_PT up, then down) where its box, estimated from its
+    length, clears the names placed before it, lowest points first; a moved name gets a thin
+    line to its point. Written at the points themselves, the layers that failed together (a dozen near
     chance at one d_model, or at one state size) overprinted into one unreadable block."""
     to_axes = ax.transData + ax.transAxes.inverted()
     box = ax.get_window_extent()
     char = 3.3 * ax.figure.dpi / 72 / max(box.width, 1.0)  # a 6 pt character, axes fraction
     pad = 4 * ax.figure.dpi / 72 / max(box.width, 1.0)  # the name starts 4 pt right
+    # a line in axes fractions, from the axis' height: a fixed fraction (0.035, a line on the
+    # 200 pt axes of a 3.6 in panel) gave a taller panel no more lines, and 28 names on one
+    # panel ran out of room and overprinted
+    gap = LABEL_PT * ax.figure.dpi / 72 / max(box.height, 1.0)
     placed: list[tuple[float, float, float]] = []  # (x0, x1, y) of the names so far
 
     def free(x0, x1, y):
-        return all(x1 <= a or x0 >= b or abs(y - c) >= LABEL_GAP for a, b, c in placed)
+        return all(x1 <= a or x0 >= b or abs(y - c) >= gap for a, b, c in placed)
 
-    steps = [k for j in range(40) for k in ((j, -j) if j else (0,))]  # 0, 1, -1, 2, -2, ...
+    steps = [k for j in range(int(1 / gap) + 2)  # 0, 1, -1, 2, -2, ... over the whole axis
+             for k in ((j, -j) if j else (0,))]
     for name, x, y in sorted(labels, key=lambda t: (t[2], t[1])):
         fx, fy = to_axes.transform((x, y))
         x0, x1 = fx + pad, fx + pad + char * len(name)
-        ty = next((fy + k * LABEL_GAP for k in steps
-                   if 0.0 <= fy + k * LABEL_GAP <= 1.0 and free(x0, x1, fy + k * LABEL_GAP)),
+        ty = next((fy + k * gap for k in steps
+                   if 0.0 <= fy + k * gap <= 1.0 and free(x0, x1, fy + k * gap)),
                   fy)
         placed.append((x0, x1, ty))
         moved = abs(ty - fy) > 1e-9
@@ -299,7 +304,9 @@ def _plot_by_load(rows: list[dict], out_dir: Path) -> Path:
     # one accuracy range for every panel: a panel of a layer at 99.9% autoscaled to a tenth of
     # a point looked like a collapse
     low = min([y for pts in curves.values() for _, y in pts] + [0.99])
-    fig, axes = _figure(len(points), width=5.5 if many else 5.0)
+    # a catalogue's names need the height: at 3.6 in, 28 names pushed each other far from
+    # their lines
+    fig, axes = _figure(len(points), width=6.5 if many else 5.0, height=5.5 if many else 3.6)
     for ax, (d, P, T) in zip(axes, points, strict=True):
         labels, seen = [], set()
         for (point, layer), pts in sorted(curves.items(), key=lambda kv: kv[0][1]):
@@ -321,7 +328,7 @@ def _plot_by_load(rows: list[dict], out_dir: Path) -> Path:
                     ls=LINESTYLES[i % len(LINESTYLES)], alpha=0.9)
         ax.axvline(d, color="k", lw=0.8, ls=":", label="load = d_model")
         ax.set(title=f"paper, d_model = {d}\nP = {P}, T = {T}", ylabel="accuracy (best lr)",
-               xlabel="load: distinct pairs in memory at the query",
+               xlabel="load: distinct pairs before the query",
                ylim=(low - 0.03 * (1 - low), 1 + 0.03 * (1 - low)))
         ax.grid(alpha=0.3)
         if many:
