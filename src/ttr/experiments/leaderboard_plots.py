@@ -41,8 +41,9 @@ def _place_labels(ax, labels: list[tuple[str, float, float]]) -> None:
     panel's scales and limits are set. Each name goes right of its point, at the nearest
     height (stepping by a line of LABEL_PT up, then down) where its box, estimated from its
     length, clears the names placed before it, lowest points first; a moved name gets a thin
-    line to its point. Written at the points themselves, the layers that failed together (a dozen near
-    chance at one d_model, or at one state size) overprinted into one unreadable block."""
+    line to its point. Written at the points themselves, the layers that failed together (a
+    dozen near chance at one d_model, or at one state size) overprinted into one unreadable
+    block."""
     to_axes = ax.transData + ax.transAxes.inverted()
     box = ax.get_window_extent()
     char = 3.3 * ax.figure.dpi / 72 / max(box.width, 1.0)  # a 6 pt character, axes fraction
