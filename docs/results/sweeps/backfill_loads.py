@@ -5,11 +5,13 @@ accuracy to the last digit (so it is the recorded model); else the record is lef
 the mismatch reported.
 
 Selected: each (layer, P, T) point's best run (the one the report shows), lacking the split,
-whose best accuracy is below 1 (at 100% every bucket is 100%), with P >= --min-pairs; the
-longest sequences (the highest loads) first.
+whose best accuracy is below 1 (at 100% every bucket is 100%), with P >= --min-pairs (and
+d_model = --d-model if given); the longest sequences (the highest loads) first.
 
     PYTHONPATH=src python docs/results/sweeps/backfill_loads.py \
         docs/results/sweeps/fig3-full --min-pairs 128
+    PYTHONPATH=src python docs/results/sweeps/backfill_loads.py \
+        docs/results/sweeps/mqar_catalogue-full --min-pairs 64 --d-model 32
 
 One thread (the sweeps ran with `--threads 1`; another count may round differently); each run
 costs what it cost in the sweep. The record is rewritten atomically, with
@@ -32,6 +34,7 @@ from ttr.sweep import finished, write_json_atomic
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("results_dir", type=Path)
 parser.add_argument("--min-pairs", type=int, default=1)
+parser.add_argument("--d-model", type=int, help="only the runs of this width")
 parser.add_argument("--dry-run", action="store_true", help="list the runs and stop")
 args = parser.parse_args()
 
@@ -45,8 +48,9 @@ planned = leaderboard.planned_mqar(leaderboard.planned_sweep(meta)[1])
 # the run each report row shows, so that the report's by-load table gains exactly these
 best = leaderboard.best_mqar_runs(records, planned)  # (layer, variant, d, P, T) -> record
 todo = [(args.results_dir / "runs" / f"{r['label']}-{run_ids[id(r)]}.json", r)
-        for (_, variant, _, P, T), r in sorted(best.items(), key=lambda kv: -kv[0][4])
-        if variant == "paper" and P >= args.min_pairs and r["result"]["accuracy"] < 1
+        for (_, variant, d, P, T), r in sorted(best.items(), key=lambda kv: -kv[0][4])
+        if variant == "paper" and P >= args.min_pairs and args.d_model in (None, d)
+        and r["result"]["accuracy"] < 1
         and "accuracy_by_load" not in r["result"]]
 print(f"{len(todo)} runs to backfill, {sum(r['seconds'] for _, r in todo) / 3600:.2f} h "
       "as recorded:")
