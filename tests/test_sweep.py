@@ -48,6 +48,63 @@ TINY_RUNS = ([dict(TINY_MQAR, layer=n, lr=lr) for n in ("linear_attention", "del
                 for v in ("switch", "noisy")])
 
 
+def test_the_sweep_bar_weighs_runs_by_cost_and_takes_a_resumed_runs_saved_part_off():
+    """Work is counted in the experiment's run costs and credited as runs report steps; a
+    run's first report is its baseline (a resumed run's saved part comes off the total, so
+    the rate, and the ETA, count only this process's work); a late report after the finish
+    credits nothing."""
+    from ttr.sweep import Run, SweepProgress
+
+    runs = [Run("mqar", None, name, name) for name in ("a", "b", "c")]
+    bar = SweepProgress(runs, {"a"}, {"a": 1.0, "b": 3.0, "c": 6.0}, "sweep", enabled=False)
+    assert (bar.n, bar.total, bar.runs_done) == (1.0, 10.0, 1)
+    bar.step("b", 0, 10)
+    bar.step("b", 5, 10)
+    assert bar.n == 2.5
+    bar.step("c", 50, 100)  # resumed half-way
+    assert (bar.n, bar.total) == (2.5, 7.0)
+    bar.step("c", 100, 100)
+    bar.finish("c")
+    assert (bar.n, bar.runs_done) == (5.5, 2)
+    bar.finish("b")
+    bar.step("b", 10, 10)
+    assert (bar.n, bar.total, bar.runs_done) == (7.0, 7.0, 3)
+    even = SweepProgress(runs, set(), None, "sweep", enabled=False)  # no costs: a run is 1
+    even.finish("c")
+    assert (even.n, even.total) == (1.0, 3.0)
+
+
+def test_fig3s_costs_put_local_linear_attention_at_t_1024_above_every_other_run():
+    from ttr.sweep import estimated_costs
+
+    runs = plan(get_experiment("fig3"), False)
+    costs = estimated_costs(get_experiment("fig3"), runs)
+    top = max(runs, key=lambda r: costs[r.id])
+    assert (top.config.layer, top.config.seq_len) == ("local_linear", 1024)
+    # one step of each layer at T = 128 and 1024 is the table's measurement
+    for r in runs:
+        at_128, at_1024 = get_experiment("fig3").STEP_SECONDS[r.config.layer]
+        if r.config.seq_len in (128, 1024):
+            step = at_128 if r.config.seq_len == 128 else at_1024
+            assert costs[r.id] == pytest.approx(r.config.steps * step)
+
+
+def test_a_sweep_with_costs_runs_and_a_bad_cost_is_refused_before_any_run(tmp_path):
+    runs = [dict(TINY_REG, method="rls", source="paper", variant=v) for v in ("switch", "noisy")]
+    path = _experiment(tmp_path, runs)
+    path.write_text(path.read_text() + "\ndef cost(config):\n    return config['T'] * 2.0\n")
+    summary = run_sweep(get_experiment(str(path)), tmp_path / "out", workers=2, progress=True,
+                        log=lambda s: None, start_method="fork")
+    assert summary["ran"] == 2
+    bad = _experiment(tmp_path, runs, name="bad")
+    bad.write_text(bad.read_text() + "\ndef cost(config):\n    return 0.0\n")
+    with pytest.raises(ValueError, match=r"bad.cost: expected a positive finite number for "
+                                         r"regression-.*, got 0.0"):
+        run_sweep(get_experiment(str(bad)), tmp_path / "bad_out", progress=False,
+                  log=lambda s: None)
+    assert not (tmp_path / "bad_out").exists()  # refused before touching the directory
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(TINY_MQAR, layer="nope"), "MQARRun.layer"),
     (dict(TINY_MQAR, layer="deltanet", lr=-1.0), "MQARRun.lr"),

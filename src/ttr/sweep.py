@@ -28,7 +28,10 @@ and a restart continues such a run from its last save: killing the sweep at any 
 most that much of the runs in flight. (fig3's longest runs take hours, longer than one sitting.)
 
 Progress: one bar for the sweep (runs done / total, ETA) and one per worker for the run it is
-on (its task reports steps through a callback).
+on (its task reports steps through a callback). The sweep's bar advances as the runs in flight
+report their steps. An experiment whose runs differ in cost may define `cost(config: dict) ->
+float`, each run's estimated seconds (any unit: only the ratios count); the bar then weighs each
+run by it, so that its ETA does not take fig3's last runs, the longest, for the average run.
 """
 
 from __future__ import annotations
@@ -300,6 +303,7 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
         raise ValueError(f"checkpoint_every: expected seconds >= 0 or None, got "
                          f"{checkpoint_every!r}")
     runs = plan(experiment, quick)
+    costs = estimated_costs(experiment, runs)
     out_dir = Path(out_dir)
     name = _name(experiment)
     meta_path = out_dir / "sweep.json"
@@ -343,8 +347,7 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
         ctx = mp.get_context(start_method)  # spawn: no fork after torch's thread pools exist
         manager = ctx.Manager() if progress else None
         pq = manager.Queue() if manager else None
-        total_bar = tqdm(total=len(runs), initial=summary["skipped"], desc=f"sweep {name}",
-                         unit="run", disable=not progress, dynamic_ncols=True, position=0)
+        total_bar = SweepProgress(runs, set(done), costs, f"sweep {name}", enabled=progress)
         bars: dict[str, tuple[tqdm, int]] = {}  # run id -> (its bar, the bar's screen line)
         free = list(range(1, workers + 1))
         try:
@@ -354,7 +357,7 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
                            for r in todo}
                 while pending:
                     ready, _ = wait(pending, timeout=0.3, return_when=FIRST_COMPLETED)
-                    _drain(pq, bars, free)
+                    _drain(pq, bars, free, total_bar)
                     for fut in ready:
                         run = pending.pop(fut)
                         try:
@@ -364,7 +367,7 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
                             summary["failed"].append(run.file_name)
                             tqdm.write(f"ttr sweep: run {run.label} failed: {type(e).__name__}: "
                                        f"{str(e)[:300]}")
-                        total_bar.update(1)
+                        total_bar.finish(run.id)
                         bar, line = bars.pop(run.id, (None, None))
                         if bar is not None:
                             free.append(line)
@@ -410,8 +413,75 @@ def _exclusive(lock: Path, out_dir: Path):
         yield
 
 
-def _drain(pq, bars: dict, free: list) -> None:
-    """Move per-run progress messages from the workers onto one bar per run in flight."""
+def estimated_costs(experiment: ModuleType, runs: list[Run]) -> dict[str, float] | None:
+    """Run id -> the experiment's `cost` of the run's config (a dict with "task", as `runs()`
+    gives it), validated before any run starts; None if the experiment has no `cost`."""
+    cost = getattr(experiment, "cost", None)
+    if cost is None:
+        return None
+    out = {}
+    for run in runs:
+        c = cost({"task": run.task, **asdict(run.config)})
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf"):
+            raise ValueError(f"{_name(experiment)}.cost: expected a positive finite number for "
+                             f"{run.label}, got {c!r}")
+        out[run.id] = float(c)
+    return out
+
+
+class SweepProgress:
+    """The sweep's bar: the fraction of the work done, runs done / total beside it, and the
+    ETA. Work is counted in run costs (`estimated_costs`; without them every run counts 1),
+    credited as the runs in flight report their steps. A run's first report is its baseline:
+    a resumed run's earlier steps were done before this process started, so they come off the
+    total instead of counting as work done now (which would have inflated the rate, so the
+    ETA, by the saved part of every resumed run)."""
+
+    def __init__(self, runs: list[Run], done: set[str], costs: dict[str, float] | None,
+                 desc: str, enabled: bool = True):
+        self.cost = costs or {r.id: 1.0 for r in runs}
+        self.credited: dict[str, float] = {}  # run id -> fraction of it credited so far
+        self.runs, self.runs_done = len(runs), sum(r.id in done for r in runs)
+        self.total = sum(self.cost.values())
+        self.n = sum(self.cost[r.id] for r in runs if r.id in done)
+        self.bar = tqdm(total=self.total, initial=self.n, desc=desc, disable=not enabled,
+                        dynamic_ncols=True, position=0,
+                        bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
+        self._postfix()
+
+    def step(self, run_id: str, done: int, total: int) -> None:
+        frac = min(done / max(total, 1), 1.0)
+        if run_id not in self.credited:  # the baseline: not work of this process
+            self.credited[run_id] = frac
+            self.total -= self.cost[run_id] * frac
+            self.bar.total = self.total
+            self.bar.refresh()
+            return
+        self._credit(run_id, frac)
+
+    def finish(self, run_id: str) -> None:
+        self.credited.setdefault(run_id, 0.0)
+        self._credit(run_id, 1.0)
+        self.runs_done += 1
+        self._postfix()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def _credit(self, run_id: str, frac: float) -> None:
+        more = self.cost[run_id] * (frac - self.credited[run_id])
+        if more > 0:
+            self.credited[run_id] = frac
+            self.n += more
+            self.bar.update(more)
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"{self.runs_done}/{self.runs} runs", refresh=True)
+
+
+def _drain(pq, bars: dict, free: list, sweep_bar: SweepProgress | None = None) -> None:
+    """Move per-run progress messages from the workers onto one bar per run in flight, and
+    credit them to the sweep's bar."""
     if pq is None:
         return
     while True:
@@ -419,6 +489,8 @@ def _drain(pq, bars: dict, free: list) -> None:
             run_id, label, done, total = pq.get_nowait()
         except queue.Empty:
             return
+        if sweep_bar is not None:
+            sweep_bar.step(run_id, done, total)
         if run_id not in bars:
             if not free:
                 continue

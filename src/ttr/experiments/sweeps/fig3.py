@@ -20,6 +20,8 @@ sweep holds the whole figure for the four fast layers before local linear attent
 runs.
 """
 
+import math
+
 from ttr.experiments.mqar import LAYERS
 
 NAME = "fig3"
@@ -57,3 +59,20 @@ def runs(quick: bool) -> list[dict]:
            for lr in (1e-3, 3e-3, 1e-2, 3e-2) if t >= 2 * p]
     # local linear attention last, each layer by increasing T (its cost grows as T^2)
     return sorted(out, key=lambda r: (r["layer"] == "local_linear", r["seq_len"]))
+
+
+# Seconds per training step at T = 128 and T = 1024 on the 2-core Xeon with a second worker
+# beside it: the medians of the recorded runs (runs/*.json, seconds / steps), and for local
+# linear attention its first T = 128 runs (0.42) and session 14's 6.6 CPU seconds at T = 1024.
+STEP_SECONDS = {"linear_attention": (0.054, 0.661), "rls": (0.132, 0.711),
+                "delta_rule": (0.121, 0.842), "softmax": (0.059, 0.87),
+                "local_linear": (0.42, 6.6)}
+
+
+def cost(config: dict) -> float:
+    """A run's estimated seconds (`ttr.sweep` weighs the sweep's ETA by it): its steps times
+    the step time, a power law in T through the two measured points. Counting runs, the ETA
+    took local linear attention's T = 1024 runs, ~3 hours each, for the average run."""
+    at_128, at_1024 = STEP_SECONDS[config["layer"]]
+    power = math.log(at_1024 / at_128) / math.log(8)
+    return config["steps"] * at_128 * (config["seq_len"] / 128) ** power
