@@ -444,10 +444,12 @@ class SweepProgress:
         self.runs, self.runs_done = len(runs), sum(r.id in done for r in runs)
         self.total = sum(self.cost.values())
         self.n = sum(self.cost[r.id] for r in runs if r.id in done)
+        self.desc = desc
+        # the run count goes into the description: a postfix is printed after a comma
         self.bar = tqdm(total=self.total, initial=self.n, desc=desc, disable=not enabled,
                         dynamic_ncols=True, position=0,
-                        bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]")
-        self._postfix()
+                        bar_format="{l_bar}{bar}| [{elapsed}<{remaining}]")
+        self._describe()
 
     def step(self, run_id: str, done: int, total: int) -> None:
         frac = min(done / max(total, 1), 1.0)
@@ -463,7 +465,7 @@ class SweepProgress:
         self.credited.setdefault(run_id, 0.0)
         self._credit(run_id, 1.0)
         self.runs_done += 1
-        self._postfix()
+        self._describe()
 
     def close(self) -> None:
         self.bar.close()
@@ -475,8 +477,8 @@ class SweepProgress:
             self.n += more
             self.bar.update(more)
 
-    def _postfix(self) -> None:
-        self.bar.set_postfix_str(f"{self.runs_done}/{self.runs} runs", refresh=True)
+    def _describe(self) -> None:
+        self.bar.set_description_str(f"{self.desc} ({self.runs_done}/{self.runs} runs)")
 
 
 def _drain(pq, bars: dict, free: list, sweep_bar: SweepProgress | None = None) -> None:
