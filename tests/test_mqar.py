@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from ttr.experiments.mqar import MQARConfig, MQARModel, layer_recipe, run, train
-from ttr.tasks.mqar import IGNORE, paper_mqar, paper_mqar_load, paper_mqar_loads, zoology_mqar
+from ttr.tasks.mqar import (
+    IGNORE,
+    paper_mqar,
+    paper_mqar_gaps,
+    paper_mqar_load,
+    paper_mqar_loads,
+    zoology_mqar,
+)
 
 
 def gen(seed=0):
@@ -169,6 +176,8 @@ def test_paper_mqar_loads_count_the_distinct_cues_before_each_pair():
     inputs, _ = paper_mqar(1, 16, 4, torch.Generator().manual_seed(4))
     assert inputs[0, 0::2].tolist() == [1, 0, 3, 0, 2, 1, 2, 0]
     assert paper_mqar_loads(inputs, 4).tolist() == [[0, 1, 2, 3, 3, 4, 4, 4]]
+    # pairs since each cue's previous occurrence (0 before its first): 1 0 3 0 2 1 2 0
+    assert paper_mqar_gaps(inputs, 4).tolist() == [[0, 0, 0, 2, 0, 5, 2, 4]]
 
 
 def test_accuracy_by_load_splits_evaluates_count_by_the_load_of_each_query():

@@ -41,7 +41,7 @@ from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
-from ttr.experiments.leaderboard_plots import plot_mqar, plot_regression
+from ttr.experiments.leaderboard_plots import MANY_LAYERS, plot_mqar, plot_regression
 from ttr.experiments.report import markdown_table
 from ttr.sweep import finished
 
@@ -121,7 +121,11 @@ def best_mqar_runs(records: list[dict], planned: list[dict] | None = None) -> di
     """(layer, variant, d_model, P, T) -> the record of the point's best run over learning rates
     (the first of equals, in record order): the run each report row shows. `planned` as in
     `mqar_rows` (its configs name the varied fields, and so the points)."""
-    varied = _varied([r["config"] for r in records] + _planned_configs(planned))
+    return _best_by_key(records, _varied([r["config"] for r in records]
+                                         + _planned_configs(planned)))
+
+
+def _best_by_key(records: list[dict], varied: list[str]) -> dict[tuple, dict]:
     best: dict[tuple, dict] = {}
     for r in records:
         key = _mqar_key(r, varied)
@@ -145,7 +149,7 @@ def mqar_rows(records: list[dict], planned: list[dict] | None = None) -> list[di
     for r in planned or ():
         want[_mqar_key(r, varied)] += 1
     rows = []
-    for key, r in best_mqar_runs(records, planned).items():
+    for key, r in _best_by_key(records, varied).items():
         c, res = r["config"], r["result"]
         rows.append(dict(layer=key[0], source=c["source"], variant=key[1], d_model=key[2],
                          num_pairs=key[3], seq_len=key[4], accuracy=res["accuracy"],
@@ -275,6 +279,7 @@ def _load_lines(variant: str, points: list) -> list[str]:
 
 
 LOAD_COLUMN = 16  # distinct cue pairs per column of the by-load tables
+TABLE_MIN_QUERIES = 20  # fewer in a by-load table column: `-` (the plot asks for more)
 
 
 def merged_loads(split: dict, width: int) -> tuple[list[int], list[int], int]:
@@ -298,15 +303,15 @@ def _by_load_lines(rows: list[dict]) -> list[str]:
         return []
     lines = ["Accuracy by memory load: each layer's best run at a grid point, its held-out "
              "queries split by the distinct cue pairs before them (`accuracy_by_load`); `-`: "
-             "fewer than 20 queries (a column of them only is left out); runs recorded without the "
-             "split are left out.", ""]
+             f"fewer than {TABLE_MIN_QUERIES} queries (a column of them only is left out); runs "
+             "recorded without the split are left out.", ""]
     for p in points:
         sel = sorted((r for r in rows if (r["d_model"], r["num_pairs"], r["seq_len"]) == p
                       and r["by_load"]), key=lambda r: -r["accuracy"])
         table = []
         for r in sel:  # every run records the same buckets (accuracy_by_load's width 8)
             queries, correct, w = merged_loads(r["by_load"], LOAD_COLUMN)
-            table.append([r["layer"], *("-" if n < 20 else _pct(c / n)
+            table.append([r["layer"], *("-" if n < TABLE_MIN_QUERIES else _pct(c / n)
                                         for n, c in zip(queries, correct, strict=True)),
                           _pct(sum(correct) / sum(queries)), f"{sum(queries):,}"])
         head = [f"{i * w}" if i * w == p[1] else f"{i * w}-{min((i + 1) * w - 1, p[1])}"
@@ -314,7 +319,7 @@ def _by_load_lines(rows: list[dict]) -> list[str]:
         lines += [f"{_point(p)}:", "",
                   markdown_table(*_drop_empty(["layer", *head, "all", "queries"], table)), ""]
         at_point = [r for r in rows if (r["d_model"], r["num_pairs"], r["seq_len"]) == p]
-        if len(at_point) > 10:  # a catalogue; a few layers read off the table above
+        if len(at_point) > MANY_LAYERS:  # a catalogue; a few layers read off the table above
             lines += [f"{_point(p)} by design axis: the mean of the layers' accuracies per "
                       "column (a layer at 100% without the split counts as 100% in every "
                       "column; the layer count in brackets).", "",
@@ -324,18 +329,18 @@ def _by_load_lines(rows: list[dict]) -> list[str]:
 
 def _by_load_axis_table(rows: list[dict], head: list[str]) -> str:
     """Per axis value at one grid point: the mean over its layers of each load column's
-    accuracy (`-` where no layer has 20 queries there), so that what crossing d_model costs
-    each choice reads off one row."""
+    accuracy (`-` where no layer has TABLE_MIN_QUERIES queries there), so that what crossing
+    d_model costs each choice reads off one row."""
     per_layer = {}  # layer -> accuracy per column (None: too few queries)
     counts = []  # queries per column: the layers of a grid point share its test sequences
     for r in rows:
         if r["by_load"]:
             counts, correct, _ = merged_loads(r["by_load"], LOAD_COLUMN)
-            per_layer[r["layer"]] = [c / n if n >= 20 else None
+            per_layer[r["layer"]] = [c / n if n >= TABLE_MIN_QUERIES else None
                                      for n, c in zip(counts, correct, strict=True)]
     for r in rows:
         if not r["by_load"] and r["accuracy"] == 1:  # every query right: 100% in each column
-            per_layer[r["layer"]] = [1.0 if n >= 20 else None for n in counts]
+            per_layer[r["layer"]] = [1.0 if n >= TABLE_MIN_QUERIES else None for n in counts]
     out = []
     for axis in AXES:
         groups = defaultdict(list)

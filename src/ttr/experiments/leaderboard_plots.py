@@ -9,6 +9,10 @@ import math
 import textwrap
 from pathlib import Path
 
+# Past this many layers a plot colours them by family and names the weak ones: a colour, marker
+# and line style per layer stop being told apart (a catalogue has 33).
+MANY_LAYERS = 10
+
 FAMILY_COLORS = {"linear attention": "tab:blue", "geometric decay": "tab:orange",
                  "online SGD": "tab:green", "exact second order": "tab:red",
                  "nonparametric": "tab:purple", "baseline": "tab:gray"}
@@ -194,7 +198,7 @@ def _plot_vs_load(rows: list[dict], out_dir: Path) -> Path:
     layers = sorted({r["layer"] for r in rows})
     # a few layers: a colour and line style each, in the legend; a catalogue's dozens: a colour
     # per family in the legend, and the layers below LABEL_BELOW named at their lowest point
-    many = len(layers) > 10
+    many = len(layers) > MANY_LAYERS
     # the accuracy axis from the lowest point's tenth down: on [0, 1] the layers' differences
     # near capacity, a few points, were one line
     low = max(0.0, math.floor(10 * (min(r["accuracy"] for r in rows) - 0.02)) / 10)
@@ -258,7 +262,7 @@ def plot_regression(rows: list[dict], out_dir: Path) -> list[Path]:
                     continue
                 paper = r["source"] == "paper"
                 # few lines: a colour each; many: a colour per family
-                color = FAMILY_COLORS.get(r["family"]) if len(vr) > 10 else None
+                color = FAMILY_COLORS.get(r["family"]) if len(vr) > MANY_LAYERS else None
                 ax.plot(range(1, len(curve) + 1), curve, lw=2.0 if paper else 0.9,
                         ls="-" if paper else "--", color=color, label=r["layer"], alpha=0.9)
             if variant != "stationary":
@@ -269,7 +273,7 @@ def plot_regression(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.set_yscale("log")
             ax.set(xlabel="t", ylabel=f"{ylabel} (mean over sequences)")
             ax.grid(alpha=0.3)
-        how = "colour: family; " if len(vr) > 10 else ""
+        how = "colour: family; " if len(vr) > MANY_LAYERS else ""
         fig.suptitle(f"online regression, {variant} variant ({how}solid: paper methods; "
                      f"dotted: the switch)")
         _legend(fig, axes)
@@ -291,7 +295,7 @@ def _plot_by_load(rows: list[dict], out_dir: Path) -> Path:
     per family in the legend and the layers below LABEL_BELOW named at their lowest point."""
     points = sorted({(r["d_model"], r["num_pairs"], r["seq_len"]) for r in rows if r["by_load"]})
     layers = sorted({r["layer"] for r in rows})
-    many = len({r["layer"] for r in rows if r["by_load"]}) > 10
+    many = len({r["layer"] for r in rows if r["by_load"]}) > MANY_LAYERS
     family = {r["layer"]: r["family"] for r in rows}
     curves = {}  # (point, layer) -> [(load at the bucket's middle, accuracy)]
     for r in rows:

@@ -112,15 +112,30 @@ def paper_mqar_loads(inputs: torch.Tensor, num_pairs: int) -> torch.Tensor:
     """The load of every pair of `paper_mqar` sequences: inputs [N, T] -> [N, T/2], the
     number of distinct cues among the pairs before each pair (its query's memory load when
     the cue is answered). `paper_mqar_load` is its expected mean over the answered queries."""
+    return _cue_history(inputs, num_pairs)[0]
+
+
+def paper_mqar_gaps(inputs: torch.Tensor, num_pairs: int) -> torch.Tensor:
+    """The recency of every pair of `paper_mqar` sequences: inputs [N, T] -> [N, T/2], the
+    pairs since its cue's previous occurrence (1: the pair just before; 0: none before, so
+    the cue is not answered)."""
+    return _cue_history(inputs, num_pairs)[1]
+
+
+def _cue_history(inputs: torch.Tensor, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loads, gaps) [N, T/2] of `paper_mqar_loads` and `paper_mqar_gaps`, in one scan."""
     _check_int("num_pairs", num_pairs, 1)
     cues = inputs[:, 0::2]  # [N, T/2]
     rows = torch.arange(cues.shape[0])
-    seen = torch.zeros(cues.shape[0], num_pairs, dtype=torch.bool)
+    last = torch.full((cues.shape[0], num_pairs), -1, dtype=torch.long)  # each cue's last pair
     loads = torch.empty(cues.shape, dtype=torch.long)
+    gaps = torch.empty(cues.shape, dtype=torch.long)
     for s in range(cues.shape[1]):  # T/2 steps over [N, P]: no [N, T/2, P] tensor
-        loads[:, s] = seen.sum(1)
-        seen[rows, cues[:, s]] = True
-    return loads
+        loads[:, s] = (last >= 0).sum(1)
+        before = last[rows, cues[:, s]]
+        gaps[:, s] = torch.where(before >= 0, s - before, 0)
+        last[rows, cues[:, s]] = s
+    return loads, gaps
 
 
 def zoology_power_law(space: int, power_a: float) -> torch.Tensor:

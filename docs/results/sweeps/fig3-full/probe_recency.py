@@ -24,25 +24,12 @@ import torch
 
 import ttr
 from ttr.experiments.sweep_tasks import MQARRun, run_mqar
-from ttr.tasks.mqar import IGNORE, paper_mqar_loads
+from ttr.tasks.mqar import IGNORE, paper_mqar_gaps, paper_mqar_loads
 
 ttr.tune_allocator()
 torch.set_num_threads(1)
 RUNS = Path(__file__).parent / "runs"
 GAPS = [(1, 8), (8, 16), (16, 32), (32, 64), (64, 128), (128, 256)]  # [lo, hi) in pairs
-
-
-def gaps(inputs: torch.Tensor, num_pairs: int) -> torch.Tensor:
-    """[n, T] -> [n, T/2]: pairs since the cue's previous occurrence (0: none before)."""
-    cues = inputs[:, 0::2]
-    rows = torch.arange(cues.shape[0])
-    last = torch.full((cues.shape[0], num_pairs), -1, dtype=torch.long)
-    out = torch.zeros(cues.shape, dtype=torch.long)
-    for s in range(cues.shape[1]):
-        before = last[rows, cues[:, s]]
-        out[:, s] = torch.where(before >= 0, s - before, 0)
-        last[rows, cues[:, s]] = s
-    return out
 
 
 scores = {}
@@ -60,7 +47,7 @@ for layer in ("delta_rule", "linear_attention", "rls"):
                            for a in range(0, len(inputs), 32)]) == targets[:, 0::2]
     scores[layer] = right  # [n, T/2]
 answered = targets[:, 0::2] != IGNORE
-gap, load = gaps(inputs, run.num_pairs), paper_mqar_loads(inputs, run.num_pairs)
+gap, load = paper_mqar_gaps(inputs, run.num_pairs), paper_mqar_loads(inputs, run.num_pairs)
 
 layers = list(scores)
 print("# Recall by recency at fig3's P = 128, T = 512 (d_model = 64; best lr 1e-2 each)\n")
