@@ -183,8 +183,8 @@ def test_paper_mqar_loads_count_the_distinct_cues_before_each_pair():
 def test_accuracy_by_load_splits_evaluates_count_by_the_load_of_each_query():
     """Bucket by bucket, the count of a plain scan over every answered query (the whole [n, T]
     output at once; `accuracy_by_load` scores only the cue positions, a few sequences at a
-    time); the totals are `evaluate`'s."""
-    from ttr.experiments.mqar import accuracy_by_load, evaluate
+    time); the totals are `evaluate`'s. `cue_hits`, which it splits, is the scan's [n, T/2]."""
+    from ttr.experiments.mqar import accuracy_by_load, cue_hits, evaluate
 
     torch.manual_seed(0)
     cfg = MQARConfig(**{**TINY, "num_pairs": (8,), "steps": 60})
@@ -196,6 +196,8 @@ def test_accuracy_by_load_splits_evaluates_count_by_the_load_of_each_query():
     with torch.no_grad():
         right = model(inputs)[:, 0::2].argmax(-1) == targets[:, 0::2]  # [n, T/2]
     answered = targets[:, 0::2] != IGNORE
+    hits = cue_hits(model, inputs, targets, tokens_per_batch=100)
+    assert torch.equal(hits, right) and not hits[~answered].any()
     load = paper_mqar_loads(inputs, 8)
     for i in range(3):
         sel = answered & (load // 3 == i)

@@ -291,6 +291,28 @@ def evaluate(model: MQARModel, inputs: torch.Tensor, targets: torch.Tensor,
     return correct / max(total, 1)
 
 
+def cue_hits(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+             tokens_per_batch: int = 1 << 15) -> torch.Tensor:
+    """A paper-variant model's answer at each cue position: [n, T/2] bool, True where the
+    query there is answered (its target is not IGNORE) and the model's argmax is its value.
+    Only the answered positions go through the readout, `tokens_per_batch` tokens at a time.
+    `accuracy_by_load` splits these by memory load; the fig3 probes by load and by recency."""
+    model.eval()
+    n, T = inputs.shape
+    cues = targets[:, 0::2]  # [n, T/2], the answers at the cue positions
+    answered = cues != IGNORE
+    right = torch.zeros_like(answered)
+    bs = max(1, tokens_per_batch // T)
+    with torch.no_grad():
+        for a in range(0, n, bs):
+            mask = torch.zeros(inputs[a:a + bs].shape, dtype=torch.bool)  # [b, T]
+            mask[:, 0::2] = answered[a:a + bs]
+            # model(x, mask) scores the masked positions in row-major order: [b, T/2]'s order
+            right[a:a + bs][answered[a:a + bs]] = (
+                model(inputs[a:a + bs], mask).argmax(-1) == cues[a:a + bs][answered[a:a + bs]])
+    return right
+
+
 def accuracy_by_load(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                      num_pairs: int, width: int = 8, tokens_per_batch: int = 1 << 15) -> dict:
     """A paper-variant model's recall split by memory load: bucket i counts the answered
@@ -301,20 +323,9 @@ def accuracy_by_load(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     capacity ends, which accuracy against T at fixed P mixes with the load's growth."""
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width: expected an int >= 1, got {width!r}")
-    model.eval()
-    n, T = inputs.shape
-    cues = targets[:, 0::2]  # [n, T/2], the answers at the cue positions
-    answered = cues != IGNORE
+    answered = targets[:, 0::2] != IGNORE  # [n, T/2]
+    right = cue_hits(model, inputs, targets, tokens_per_batch)
     bucket = paper_mqar_loads(inputs, num_pairs) // width  # [n, T/2]
-    right = torch.zeros_like(answered)
-    bs = max(1, tokens_per_batch // T)
-    with torch.no_grad():
-        for a in range(0, n, bs):
-            mask = torch.zeros(inputs[a:a + bs].shape, dtype=torch.bool)  # [b, T]
-            mask[:, 0::2] = answered[a:a + bs]
-            # model(x, mask) scores the masked positions in row-major order: [b, T/2]'s order
-            right[a:a + bs][answered[a:a + bs]] = (
-                model(inputs[a:a + bs], mask).argmax(-1) == cues[a:a + bs][answered[a:a + bs]])
     size = num_pairs // width + 1
     return {"width": width,
             "queries": torch.bincount(bucket[answered], minlength=size).tolist(),

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import ttr
+from ttr.experiments.mqar import cue_hits
 from ttr.experiments.sweep_tasks import MQARRun, run_mqar
 from ttr.tasks.mqar import IGNORE, paper_mqar_gaps, paper_mqar_loads
 
@@ -41,11 +42,7 @@ for layer in ("delta_rule", "linear_attention", "rls"):
     result = run_mqar(run, lambda *a: None, trained=models.append)
     assert result["accuracy"] == record["result"]["accuracy"], (layer, result["accuracy"])
     inputs, targets = run.test_data()  # the same for the three layers
-    model = models[0].eval()
-    with torch.no_grad():
-        right = torch.cat([model(inputs[a:a + 32])[:, 0::2].argmax(-1)
-                           for a in range(0, len(inputs), 32)]) == targets[:, 0::2]
-    scores[layer] = right  # [n, T/2]
+    scores[layer] = cue_hits(models[0], inputs, targets)  # [n, T/2]
 answered = targets[:, 0::2] != IGNORE
 gap, load = paper_mqar_gaps(inputs, run.num_pairs), paper_mqar_loads(inputs, run.num_pairs)
 

@@ -21,7 +21,7 @@ import sys
 import torch
 
 import ttr
-from ttr.experiments.mqar import evaluate
+from ttr.experiments.mqar import cue_hits, evaluate
 from ttr.experiments.sweep_tasks import MQARRun, run_mqar
 from ttr.tasks.mqar import IGNORE, paper_mqar, paper_mqar_loads
 
@@ -53,9 +53,7 @@ for name in sorted(scores, key=lambda n: n != AS_TRAINED):
     print(f"| {name} | {scores[name]:.4%} |")
 
 inputs, targets = paper_mqar(500, RUN.seq_len, RUN.num_pairs, torch.Generator().manual_seed(123))
-model.eval()
-with torch.no_grad():
-    right = model(inputs)[:, 0::2].argmax(-1) == targets[:, 0::2]  # [n, T/2] at the cues
+right = cue_hits(model, inputs, targets)  # [n, T/2] at the cues
 answered = targets[:, 0::2] != IGNORE
 load = paper_mqar_loads(inputs, RUN.num_pairs)  # [n, T/2]
 print(f"\nAccuracy by memory load (500 fresh sequences; d_model = {RUN.d_model}):\n")
