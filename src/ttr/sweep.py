@@ -232,9 +232,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 # -- workers ------------------------------------------------------------------------------------
 
-def _init_worker(threads: int, parent: int) -> None:
+_PROGRESS = None  # in a worker: the queue its runs report their steps on (None: no bars)
+
+
+def _init_worker(threads: int, parent: int, progress_queue) -> None:
+    """progress_queue: a plain multiprocessing queue, handed over when the worker starts (a
+    Manager's queue could travel with each run, but its server process outlived a killed
+    sweep, and with it multiprocessing's resource tracker)."""
     import torch
 
+    global _PROGRESS
+    _PROGRESS = progress_queue
     torch.set_num_threads(threads)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
@@ -249,8 +257,7 @@ def _exit_with(parent: int, every: float = 1.0) -> None:
     os._exit(1)
 
 
-def _work(run: Run, out_dir: str, progress_queue, checkpoint_every: float | None
-          ) -> tuple[str, float]:
+def _work(run: Run, out_dir: str, checkpoint_every: float | None) -> tuple[str, float]:
     """In a worker: run one config (from its checkpoint, if a resumable task left one) and
     record it atomically. Returns (run id, seconds)."""
     task = _tasks()[run.task]
@@ -258,9 +265,9 @@ def _work(run: Run, out_dir: str, progress_queue, checkpoint_every: float | None
 
     def progress(done: int, total: int) -> None:
         now = time.monotonic()
-        if progress_queue is not None and (now - last[0] > 0.5 or done == total):
+        if _PROGRESS is not None and (now - last[0] > 0.5 or done == total):
             last[0] = now
-            progress_queue.put((run.id, run.label, done, total))
+            _PROGRESS.put((run.id, run.label, done, total))
 
     start = time.perf_counter()
     if task.resumable:
@@ -345,15 +352,14 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
         threads = threads or max(1, (os.cpu_count() or 1) // workers)
         start = time.perf_counter()
         ctx = mp.get_context(start_method)  # spawn: no fork after torch's thread pools exist
-        manager = ctx.Manager() if progress else None
-        pq = manager.Queue() if manager else None
+        pq = ctx.Queue() if progress else None
         total_bar = SweepProgress(runs, set(done), costs, f"sweep {name}", enabled=progress)
         bars: dict[str, tuple[tqdm, int]] = {}  # run id -> (its bar, the bar's screen line)
         free = list(range(1, workers + 1))
         try:
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(threads, os.getpid())) as pool:
-                pending = {pool.submit(_work, r, str(out_dir), pq, checkpoint_every): r
+                                     initargs=(threads, os.getpid(), pq)) as pool:
+                pending = {pool.submit(_work, r, str(out_dir), checkpoint_every): r
                            for r in todo}
                 while pending:
                     ready, _ = wait(pending, timeout=0.3, return_when=FIRST_COMPLETED)
@@ -376,8 +382,8 @@ def run_sweep(experiment: ModuleType, out_dir: Path, *, quick: bool = False,
             for bar, _ in bars.values():
                 bar.close()
             total_bar.close()
-            if manager is not None:
-                manager.shutdown()
+            if pq is not None:
+                pq.close()
         summary["seconds"] = round(time.perf_counter() - start, 1)
         log(f"ttr sweep: ran {summary['ran']} runs in {summary['seconds']:.0f} s "
             f"({summary['skipped']} skipped); results in {out_dir / 'runs'}")
