@@ -72,6 +72,13 @@ def test_the_sweep_bar_weighs_runs_by_cost_and_takes_a_resumed_runs_saved_part_o
     even = SweepProgress(runs, set(), None, "sweep", enabled=False)  # no costs: a run is 1
     even.finish("c")
     assert (even.n, even.total) == (1.0, 3.0)
+    # costs credited in sevenths: summed, 1.1 against a total of 1.0999999999999999
+    odd = SweepProgress(runs, set(), {"a": 0.1, "b": 0.7, "c": 0.3}, "sweep", enabled=False)
+    for name in "abc":
+        for done in range(8):
+            odd.step(name, done, 7)
+        odd.finish(name)
+    assert odd.n == odd.total == odd.bar.n == odd.bar.total  # the finished bar is full
 
 
 def test_fig3s_costs_put_local_linear_attention_at_t_1024_above_every_other_run():

@@ -471,6 +471,9 @@ class SweepProgress:
         self.credited.setdefault(run_id, 0.0)
         self._credit(run_id, 1.0)
         self.runs_done += 1
+        if self.runs_done == self.runs:  # the float sums may differ in the last bit: the bar
+            self.n = self.bar.n = self.bar.total = self.total  # stopped a glyph short of full
+            self.bar.refresh()
         self._describe()
 
     def close(self) -> None:
