@@ -490,7 +490,7 @@ class SweepProgress:
         self.bar.set_description_str(f"{self.desc} ({self.runs_done}/{self.runs} runs)")
 
 
-def _drain(pq, bars: dict, free: list, sweep_bar: SweepProgress | None = None) -> None:
+def _drain(pq, bars: dict, free: list, sweep_bar: SweepProgress) -> None:
     """Move per-run progress messages from the workers onto one bar per run in flight, and
     credit them to the sweep's bar."""
     if pq is None:
@@ -500,8 +500,7 @@ def _drain(pq, bars: dict, free: list, sweep_bar: SweepProgress | None = None) -
             run_id, label, done, total = pq.get_nowait()
         except queue.Empty:
             return
-        if sweep_bar is not None:
-            sweep_bar.step(run_id, done, total)
+        sweep_bar.step(run_id, done, total)
         if run_id not in bars:
             if not free:
                 continue
