@@ -16,6 +16,8 @@ Layout of a results directory:
                           "finished"}; <id> is a hash of the task and its full config
     partial/<label>-<id>.pt the training state of a run in flight (resumable tasks), removed
                           once its result is written; partial/.gitignore keeps them out of git
+                          (to carry a run longer than a sitting to another clone, commit its
+                          file with `git add -f`: any file there is a whole save)
     partial/.lock         held (flock) by the sweep running on the directory: a second one is
                           refused
 
