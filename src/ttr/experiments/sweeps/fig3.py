@@ -12,9 +12,9 @@ read 1.8 s of wall time), local linear attention 6.6 (its O(T^2 D^2) per-query s
 64 sequences x 1024^2 pairs x 64^2 per step; session 13 read 13.9 s of wall time before that
 session's and session 14's changes to the op; session 16's changes, 5.4-6.0 s; session 20,
 steps 4-30 of a fresh process, 5.5-5.8). Local linear attention's recorded runs (seconds /
-steps beside a second worker, runs/*.json): 0.41-0.48 s a step at T = 128, 1.12-1.13 at
-T = 256 in a quiet window (1.34-1.74 with other work on the machine), 2.3 at T = 512 (session
-21's progress bar). So a T = 1024 run takes ~0.2-0.4 core-hours for the first four layers
+steps, the test set's scoring included, beside a second worker, runs/*.json): 0.41-0.48 s a
+step at T = 128, 1.12-1.13 at T = 256 in a quiet window (1.34-1.74 with other work on the
+machine), 2.52-2.62 at T = 512 (2.2-2.6 on the progress bar, which counts training only). So a T = 1024 run takes ~0.2-0.4 core-hours for the first four layers
 and ~3.1 for local linear attention; in all ~17 core-hours for the first four layers (28 runs
 each, the cost growing with T) and ~33 for local linear attention, ~25 of them its eight
 T = 1024 runs: ~25 hours with two workers. The runs go cheapest first (the set of runs, and
@@ -66,7 +66,7 @@ def runs(quick: bool) -> list[dict]:
 # Seconds per training step at T = 128 and T = 1024 on the 2-core Xeon with a second worker
 # beside it: the medians of the recorded runs (runs/*.json, seconds / steps), and for local
 # linear attention its first T = 128 runs (0.42) and session 20's 5.6 CPU seconds at T = 1024
-# (through them the power law gives 2.36 s at T = 512, where its runs take 2.3)
+# (through them the power law gives 2.36 s at T = 512, where its runs trained at 2.2-2.6)
 STEP_SECONDS = {"linear_attention": (0.054, 0.661), "rls": (0.132, 0.711),
                 "delta_rule": (0.121, 0.842), "softmax": (0.059, 0.87),
                 "local_linear": (0.42, 5.6)}
