@@ -14,10 +14,11 @@ session's and session 14's changes to the op; session 16's changes, 5.4-6.0 s; s
 steps 4-30 of a fresh process, 5.5-5.8). Local linear attention's recorded runs (seconds /
 steps, the test set's scoring included, beside a second worker, runs/*.json): 0.41-0.48 s a
 step at T = 128, 1.12-1.13 at T = 256 in a quiet window (1.34-1.74 with other work on the
-machine), 2.52-2.62 at T = 512 (2.2-2.6 on the progress bar, which counts training only). So a T = 1024 run takes ~0.2-0.4 core-hours for the first four layers
-and ~3.1 for local linear attention; in all ~17 core-hours for the first four layers (28 runs
-each, the cost growing with T) and ~33 for local linear attention, ~25 of them its eight
-T = 1024 runs: ~25 hours with two workers. The runs go cheapest first (the set of runs, and
+machine), 2.52-2.62 at T = 512 (2.2-2.6 on the progress bar, which counts training only).
+So a T = 1024 run takes ~0.2-0.4 core-hours for the first four layers and ~3.1 for local
+linear attention; in all ~17 core-hours for the first four layers (28 runs each, the cost
+growing with T) and ~33 for local linear attention, ~25 of them its eight T = 1024 runs:
+~25 hours with two workers. The runs go cheapest first (the set of runs, and
 so their ids, does not depend on the order): a partial sweep holds the whole figure for the
 four fast layers before local linear attention's long runs.
 """
