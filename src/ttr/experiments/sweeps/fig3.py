@@ -15,12 +15,14 @@ steps 4-30 of a fresh process, 5.5-5.8). Local linear attention's recorded runs 
 steps, the test set's scoring included, beside a second worker, runs/*.json): 0.41-0.48 s a
 step at T = 128, 1.12-1.13 at T = 256 in a quiet window (1.34-1.74 with other work on the
 machine), 2.52-2.62 at T = 512 (2.2-2.6 on the progress bar, which counts training only).
-So a T = 1024 run takes ~0.2-0.4 core-hours for the first four layers and ~3.1 for local
-linear attention; in all ~17 core-hours for the first four layers (28 runs each, the cost
-growing with T) and ~33 for local linear attention, ~25 of them its eight T = 1024 runs:
-~25 hours with two workers. The runs go cheapest first (the set of runs, and
-so their ids, does not depend on the order): a partial sweep holds the whole figure for the
-four fast layers before local linear attention's long runs.
+At T = 1024 its first runs trained at 6.6-7.0 s a step of wall time beside each other
+(sessions 22-23, progress bar, steps 85-200), a fifth above the CPU time above. So a
+T = 1024 run takes ~0.4-0.5 hours of a worker for the first four layers and ~3.9 for local
+linear attention. The recorded runs took 24 worker-hours for the first four layers (28 runs
+each, the cost growing with T) and 19 for local linear attention's 20 runs up to T = 512; its
+eight T = 1024 runs add ~31: ~37 hours with two workers. The runs go cheapest first (the
+set of runs, and so their ids, does not depend on the order): a partial sweep holds the whole
+figure for the four fast layers before local linear attention's long runs.
 """
 
 import math
@@ -66,17 +68,18 @@ def runs(quick: bool) -> list[dict]:
 
 # Seconds per training step at T = 128 and T = 1024 on the 2-core Xeon with a second worker
 # beside it: the medians of the recorded runs (runs/*.json, seconds / steps), and for local
-# linear attention its first T = 128 runs (0.42) and session 20's 5.6 CPU seconds at T = 1024
-# (through them the power law gives 2.36 s at T = 512, where its runs trained at 2.2-2.6)
+# linear attention its first T = 128 runs (0.42) and the 7.0 s of its first T = 1024 runs
+# (through them the power law gives 1.07 s at T = 256 and 2.74 at T = 512, where its
+# recorded runs took 1.12-1.13 and 2.52-2.62)
 STEP_SECONDS = {"linear_attention": (0.054, 0.661), "rls": (0.132, 0.711),
                 "delta_rule": (0.121, 0.842), "softmax": (0.059, 0.87),
-                "local_linear": (0.42, 5.6)}
+                "local_linear": (0.42, 7.0)}
 
 
 def cost(config: dict) -> float:
     """A run's estimated seconds (`ttr.sweep` weighs the sweep's ETA by it): its steps times
     the step time, a power law in T through the two measured points. Counting runs, the ETA
-    took local linear attention's T = 1024 runs, ~3 hours each, for the average run."""
+    took local linear attention's T = 1024 runs, ~4 hours each, for the average run."""
     at_128, at_1024 = STEP_SECONDS[config["layer"]]
     power = math.log(at_1024 / at_128) / math.log(8)
     return config["steps"] * at_128 * (config["seq_len"] / 128) ** power
