@@ -15,8 +15,8 @@ steps 4-30 of a fresh process, 5.5-5.8). Local linear attention's recorded runs 
 steps, the test set's scoring included, beside a second worker, runs/*.json): 0.41-0.48 s a
 step at T = 128, 1.12-1.13 at T = 256 in a quiet window (1.34-1.74 with other work on the
 machine), 2.52-2.62 at T = 512 (2.2-2.6 on the progress bar, which counts training only).
-At T = 1024 its first runs trained at 6.6-7.0 s a step of wall time beside each other
-(sessions 22-23, progress bar, steps 85-200), a fifth above the CPU time above. So a
+At T = 1024 its first runs trained at 6.6-7.2 s a step of wall time beside each other
+(sessions 22-23, progress bar, 30-minute windows), a fifth above the CPU time above. So a
 T = 1024 run takes ~0.4-0.5 hours of a worker for the first four layers and ~3.9 for local
 linear attention. The recorded runs took 24 worker-hours for the first four layers (28 runs
 each, the cost growing with T) and 19 for local linear attention's 20 runs up to T = 512; its
