@@ -15,12 +15,13 @@ steps 4-30 of a fresh process, 5.5-5.8). Local linear attention's recorded runs 
 steps, the test set's scoring included, beside a second worker, runs/*.json): 0.41-0.48 s a
 step at T = 128, 1.12-1.13 at T = 256 in a quiet window (1.34-1.74 with other work on the
 machine), 2.52-2.62 at T = 512 (2.2-2.6 on the progress bar, which counts training only).
-At T = 1024 its first runs trained at 6.6-7.2 s a step of wall time beside each other
-(sessions 22-23, progress bar, 30-minute windows), a fifth above the CPU time above. So a
-T = 1024 run takes ~0.4-0.5 hours of a worker for the first four layers and ~3.9 for local
-linear attention. The recorded runs took 24 worker-hours for the first four layers (28 runs
-each, the cost growing with T) and 19 for local linear attention's 20 runs up to T = 512; its
-eight T = 1024 runs add ~31: ~37 hours with two workers. The runs go cheapest first (the
+At T = 1024 its first two runs trained at 7.06 and 6.63 s a step of wall time beside each
+other over session 23 (progress bar; 30-minute windows 6.0-7.9 s, the slowest with a CI run
+beside them), a fifth above the CPU time above. So a T = 1024 run took 0.27-0.69 hours of a
+worker for the first four layers (recorded) and takes ~3.9 for local linear attention. The
+recorded runs took 24 worker-hours for the first four layers (28 runs each, the cost growing
+with T) and 19 for local linear attention's 20 runs up to T = 512; its eight T = 1024 runs
+add ~31: ~37 hours with two workers. The runs go cheapest first (the
 set of runs, and so their ids, does not depend on the order): a partial sweep holds the whole
 figure for the four fast layers before local linear attention's long runs.
 """
@@ -68,9 +69,9 @@ def runs(quick: bool) -> list[dict]:
 
 # Seconds per training step at T = 128 and T = 1024 on the 2-core Xeon with a second worker
 # beside it: the medians of the recorded runs (runs/*.json, seconds / steps), and for local
-# linear attention its first T = 128 runs (0.42) and the 7.0 s of its first T = 1024 runs
-# (through them the power law gives 1.07 s at T = 256 and 2.74 at T = 512, where its
-# recorded runs took 1.12-1.13 and 2.52-2.62)
+# linear attention its first T = 128 runs (0.42) and ~7.0 s for its first T = 1024 runs
+# (7.06 and 6.63 over session 23; through them the power law gives 1.07 s at T = 256 and
+# 2.74 at T = 512, where its recorded runs took 1.12-1.13 and 2.52-2.62)
 STEP_SECONDS = {"linear_attention": (0.054, 0.661), "rls": (0.132, 0.711),
                 "delta_rule": (0.121, 0.842), "softmax": (0.059, 0.87),
                 "local_linear": (0.42, 7.0)}
