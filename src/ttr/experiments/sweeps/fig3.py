@@ -22,11 +22,11 @@ beside them; 14-28% above session 20's 5.5-5.8 CPU s), and 6.08 and 6.27 over th
 session 25. So a T = 1024 run took 0.27-0.69 hours of a worker for the first four layers and
 3.49-3.83 for local linear attention's four at P = 64 (recorded). The recorded runs took 24
 worker-hours for the first four layers (28 runs each, the cost growing with T) and 19 for
-local linear attention's 20 runs up to T = 512; its eight T = 1024 runs add ~28.5 (14.5
-recorded for the four at P = 64, ~3.5 for each of the four at P = 128): ~36 hours with two
-workers. The runs go cheapest first (the set of runs, and so their ids, does not depend on
-the order): a partial sweep holds the whole figure for the four fast layers before local
-linear attention's long runs.
+local linear attention's 20 runs up to T = 512; its eight T = 1024 runs add ~30 (14.5
+recorded for the four at P = 64, 3.76 and 3.92 for lr 1e-3 and 3e-3 at P = 128, session 26,
+~3.5-3.9 for each of the last two): ~37 hours with two workers. The runs go cheapest first
+(the set of runs, and so their ids, does not depend on the order): a partial sweep holds the
+whole figure for the four fast layers before local linear attention's long runs.
 """
 
 import math
