@@ -19,12 +19,13 @@ At T = 1024 its first two runs trained at 7.06 and 6.63 s a step of wall time be
 other over session 23 (progress bar; 30-minute windows 6.0-7.9 s, the slowest with a CI run
 beside them; 14-28% above session 20's 5.5-5.8 CPU s), and 6.08 and 6.27 over their last
 ~40 minutes in session 24; the next two 6.37 and 6.43 over their last 722 and 767 steps in
-session 25; at P = 128, 6.82 and 7.14 over their last 1123 and 1198 steps in session 26. So a
-T = 1024 run took 0.27-0.69 hours of a worker for the first four layers and 3.49-3.92 for
-local linear attention's (recorded). The recorded runs took 24 worker-hours for the first four
-layers (28 runs each, the cost growing with T) and 19 for local linear attention's 20 runs up
-to T = 512; its eight T = 1024 runs add ~30 (14.5 recorded for the four at P = 64, 3.76 and
-3.92 for lr 1e-3 and 3e-3 at P = 128, ~3.8-4.1 for each of the last two): ~37 hours with two
+session 25; at P = 128, 6.82 and 7.14 over their last 1123 and 1198 steps in session 26, the
+last two 6.28 and 6.24 over their first 1360 and 1369 steps in session 27. So a T = 1024 run
+took 0.27-0.69 hours of a worker for the first four layers and 3.49-3.92 for local linear
+attention's (recorded). The recorded runs took 23.8 worker-hours for the first four layers (28
+runs each, the cost growing with T) and 18.8 for local linear attention's 20 runs up to T =
+512; its eight T = 1024 runs 29.4 (14.5 for the four at P = 64; 3.76, 3.92, 3.60 and 3.65 for
+lr 1e-3, 3e-3, 1e-2 and 3e-2 at P = 128): 72.0 worker-hours in all, ~36 hours with two
 workers. The runs go cheapest first (the set of runs, and so their ids, does not depend on
 the order): a partial sweep holds the whole figure for the four fast layers before local
 linear attention's long runs.
