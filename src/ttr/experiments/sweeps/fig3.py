@@ -25,10 +25,10 @@ took 0.27-0.69 hours of a worker for the first four layers and 3.49-3.92 for loc
 attention's (recorded). The recorded runs took 23.8 worker-hours for the first four layers (28
 runs each, the cost growing with T) and 18.8 for local linear attention's 20 runs up to T =
 512; its eight T = 1024 runs 29.4 (14.5 for the four at P = 64; 3.76, 3.92, 3.60 and 3.65 for
-lr 1e-3, 3e-3, 1e-2 and 3e-2 at P = 128): 72.0 worker-hours in all, ~36 hours with two
-workers. The runs go cheapest first (the set of runs, and so their ids, does not depend on
-the order): a partial sweep holds the whole figure for the four fast layers before local
-linear attention's long runs.
+lr 1e-3, 3e-3, 1e-2 and 3e-2 at P = 128): 72.0 worker-hours of wall time in all, two
+workers side by side. The runs go cheapest first (the set of runs, and so their ids, does
+not depend on the order): a partial sweep holds the whole figure for the four fast layers
+before local linear attention's long runs.
 """
 
 import math
